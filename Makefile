@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m slow
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m slow || [ $$? -eq 5 ]
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

@@ -22,6 +22,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 SHARED_DATA = Path(os.environ.get("REPARAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_worker():
+    """Tests run in parallel processes (`pytest -n 2`): one intra-op thread each avoids oversubscription."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The optional real-data folder (`../shared/data`); tests that need it skip without it."""

@@ -1,0 +1,65 @@
+"""RepVGG block: kxk conv-BN + 1x1 conv-BN + BN identity, summed, then an optional activation."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from reparam.ops.blocks.base import BranchConv, ConvBlock, Norm, Size2, resolve_identity, subsample
+from reparam.ops.blocks.registry import register_block
+from reparam.ops.branches import add_branches, embed_kernel, identity_kernel
+from reparam.ops.norm import NormStats, fuse_bn
+
+
+@register_block
+class RepVGGBlock(ConvBlock):
+    """`act(BN(conv_kxk(x)) + BN(conv_1x1(x)) + BN(x[..., ::s, ::s]))`.
+
+    Any kernel (even, rectangular), stride, dilation, padding, groups and padding mode: the 1x1
+    branch is aligned on the main kernel's (near-)centre tap (`aligned_geometry`). The identity
+    branch exists when representable (C_in = C_out and centred padding, any stride:
+    `identity=None`), can be required (`True`) or disabled (`False`).
+    Merged: `W = s_k·W_k + embed(s_1·W_1) + s_id·Id`, `b = Σ (s_j(b_j − μ_j) + β_j)`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Size2,
+        stride: Size2 = 1,
+        padding: Size2 | None = None,
+        dilation: Size2 = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        *,
+        identity: bool | None = None,
+        conv_bias: bool = False,
+        norm: Norm = nn.BatchNorm2d,
+        act: nn.Module | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, act)
+        g = self.geometry
+        self.conv_kxk = BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=norm)
+        self.conv_1x1 = BranchConv(in_channels, out_channels, g, 1, bias=conv_bias, norm=norm)
+        has_identity = resolve_identity(identity, in_channels, out_channels, g)
+        self.bn_identity = norm(out_channels) if has_identity else None
+        self.to(device=device, dtype=dtype)
+
+    def branch(self, x: Tensor) -> Tensor:
+        padded = self.pad(x)
+        y = self.conv_kxk(padded) + self.conv_1x1(padded)
+        if self.bn_identity is not None:
+            y = y + self.bn_identity(subsample(x, self.geometry.stride))
+        return y
+
+    def merged_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        g = self.geometry
+        kernel, bias = self.conv_kxk.kernel_bias("RepVGGBlock.conv_kxk")
+        k1, b1 = self.conv_1x1.kernel_bias("RepVGGBlock.conv_1x1")
+        terms = [(kernel, bias), (embed_kernel(k1, self.conv_1x1.geometry, g), b1)]
+        if self.bn_identity is not None:
+            eye = identity_kernel(self.out_channels, g.groups, g, like=kernel)
+            terms.append(fuse_bn(eye, None, NormStats.from_module(self.bn_identity, name="RepVGGBlock.bn_identity")))
+        return add_branches(*terms)

@@ -1,0 +1,57 @@
+"""Blocks refuse what they cannot merge exactly, with errors that name the layer and the fix."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+from torch import nn
+
+from reparam.ops import MergeError
+from reparam.ops.blocks import (
+    ACBlock, DilatedReparamBlock, DiverseBranchBlock, MobileOneBlock, PostBNBlock, RepLKBlock, RepVGGBlock,
+)
+
+BN_BLOCKS = (RepVGGBlock, ACBlock, DiverseBranchBlock, MobileOneBlock, RepLKBlock, DilatedReparamBlock)
+
+
+@pytest.mark.parametrize("cls", BN_BLOCKS, ids=lambda c: c.__name__)
+def test_train_mode_bn_is_refused(cls):
+    block = cls(4, 4, 13).train()
+    with pytest.raises(MergeError, match=rf"{cls.__name__}\..*training mode.*eval\(\)"):
+        block.merged()
+
+
+@pytest.mark.parametrize("cls", BN_BLOCKS + (PostBNBlock,), ids=lambda c: c.__name__)
+def test_bn_without_running_stats_is_refused(cls):
+    block = cls(4, 4, 13, norm=functools.partial(nn.BatchNorm2d, track_running_stats=False)).eval()
+    with pytest.raises(MergeError, match="track_running_stats=False"):
+        block.merged()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: RepVGGBlock(4, 6, 3, identity=True), "in_channels == out_channels"),
+        (lambda: RepVGGBlock(4, 4, 4, identity=True), "padding"),
+        (lambda: MobileOneBlock(4, 4, 3, padding=2, identity=True), "padding"),
+        (lambda: RepVGGBlock(4, 6, 3, groups=4), "groups=4 must divide"),
+        (lambda: RepLKBlock(4, 4, 5, small_kernel=7), "spans 7 taps"),
+        (lambda: DilatedReparamBlock(4, 4, 7, branches=[(3, 4)]), "spans 9 taps"),
+        (lambda: PostBNBlock(4, 6, 3, avg_pool=True), "in_channels == out_channels"),
+        (lambda: DiverseBranchBlock(4, 4, 3, groups=2, internal_channels=3), "internal_channels=3"),
+        (lambda: MobileOneBlock(4, 4, 3, num_branches=0), "num_branches"),
+    ],
+)
+def test_impossible_configurations_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_identity_is_added_exactly_when_representable():
+    assert RepVGGBlock(4, 4, 3).bn_identity is not None
+    assert RepVGGBlock(4, 4, 3, stride=2).bn_identity is not None  # strided identity: x[..., ::2, ::2]
+    assert RepVGGBlock(4, 4, 5, dilation=2).bn_identity is not None
+    assert RepVGGBlock(4, 4, 3, padding=0).bn_identity is None
+    assert RepVGGBlock(4, 4, 4).bn_identity is None  # even kernel: no tap reads the pixel itself
+    assert RepVGGBlock(4, 8, 3).bn_identity is None
+    assert RepVGGBlock(4, 4, 3, identity=False).bn_identity is None
