@@ -27,6 +27,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/ops.py
+	$(PY) benchmarks/graph.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,45 @@
+"""ResRep: prune any traceable CNN to a MACs target by compactors, gradient resetting and an exact conversion.
+
+`ResRep` wraps a model for any training loop; `prune` is the one-call version on top of the app's
+training loop (`apps.resrep.engine.fit`); `python -m apps.resrep` is the command line.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import ResRepConfig
+from .convert import ConversionError, ConversionReport
+from .engine import fit
+from .method import ResRep
+
+__all__ = ["ResRep", "ResRepConfig", "ConversionReport", "ConversionError", "prune"]
+
+
+def prune(
+    model: nn.Module,
+    train_loader: Any,
+    *,
+    epochs: int,
+    config: ResRepConfig | None = None,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
+    val_loader: Any = None,
+    **fit_options: Any,
+) -> tuple[nn.Module, ConversionReport]:
+    """Train ``model`` with ResRep for ``epochs`` on ``train_loader`` (SGD with `ResRep.param_groups`,
+    per-iteration cosine lr to 0), then convert: returns the narrow plain model and its report.
+
+    ``example_inputs`` (default: the first training batch) trace the channel groups and verify the
+    conversion; ``fit_options`` go to `apps.resrep.engine.fit` (device, amp, checkpoint_dir, ...).
+    The original ``model`` is not modified.
+    """
+    config = config if config is not None else ResRepConfig()
+    if example_inputs is None:
+        example_inputs = next(iter(train_loader))[0]
+    rr = ResRep(model, example_inputs, config, iters_per_epoch=len(train_loader))
+    optimizer = torch.optim.SGD(rr.param_groups(), lr=config.lr)
+    fit(rr.model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, hooks=rr, **fit_options)
+    return rr.convert()

@@ -1,0 +1,335 @@
+"""The training loop: `fit` and `evaluate`, device-agnostic, with AMP, channels_last, DDP and exact resume.
+
+`fit` drives any classifier with any optimizer. A ``hooks`` object (ResRep, or anything with
+``after_backward()``, ``after_step(iteration)``, ``state_dict()``, ``load_state_dict()``) is called after
+every backward pass (gradients already all-reduced under DDP, unscaled under fp16) and after every
+optimizer step, and its state goes into the checkpoint.
+
+Checkpoints (``checkpoint_dir/last.pt``) are written atomically at the end of every epoch (and every
+``checkpoint_every`` iterations if set). They hold the model, optimizer, LR scheduler, grad scaler, hook
+state, every RNG, the epoch, the batch position inside it, the running epoch sums and the history, so
+``resume=True`` after a kill continues exactly as an uninterrupted run would (the sampler skips the
+batches already seen; mid-epoch positions are exact with ``workers=0``, epoch boundaries always).
+A non-finite loss stops training with `NonFiniteLossError` before the step is taken; the last good
+checkpoint stays in place.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_file, rng_state, set_rng_state
+from .models import load_state_dict_checked
+
+__all__ = [
+    "TrainConfig", "OptimConfig", "Hooks", "NonFiniteLossError", "fit", "evaluate", "resolve_device",
+    "init_distributed", "is_main_process", "autocast", "sgd", "CHECKPOINT_NAME",
+]
+
+CHECKPOINT_NAME = "last.pt"
+_FORMAT = "reparam.resrep.fit/1"
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains (the optimizer's settings live in `OptimConfig` or `ResRepConfig`).
+
+    epochs: passes over the training set; the LR follows a per-iteration cosine from lr to 0 over them.
+    device: ``auto`` (CUDA if present, the local rank's GPU under torchrun), ``cpu``, ``cuda:1``, ...
+    amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler).  channels_last: NHWC memory format.
+    seed: seeds python/numpy/torch before the model is built.
+    eval_every: validate every N epochs (and always after the last).
+    checkpoint_every: also checkpoint every N iterations (0: only at epoch ends).
+    progress: tqdm progress bars on the main process.
+    """
+
+    epochs: int = 30
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    seed: int = 0
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    progress: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """Plain SGD for base training: ``lr`` (cosine to 0 per iteration), ``momentum``, ``weight_decay``
+    (on weights of convs/linears only; norm weights and biases are not decayed), ``nesterov``."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+class Hooks(Protocol):
+    def after_backward(self) -> None: ...
+    def after_step(self, iteration: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training hit a NaN/inf loss; the step was not taken and the last good checkpoint is kept."""
+
+
+def sgd(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
+    """SGD with weight decay on conv/linear weights (ndim > 1) only."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": rest, "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group that `torchrun` describes in the environment (NCCL on CUDA, gloo on CPU).
+
+    Returns (rank, world_size, local_rank); (0, 1, 0) when not launched by torchrun.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, local
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → this process's GPU when CUDA is present (LOCAL_RANK under torchrun), else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context for ``amp`` (``none``: a no-op)."""
+    if amp not in _AMP:
+        raise ValueError(f"amp must be one of {sorted(_AMP)}, got {amp!r}")
+    return nullcontext() if _AMP[amp] is None else torch.autocast(device.type, dtype=_AMP[amp])
+
+
+def _to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device | None = None, amp: str = "none",
+             channels_last: bool = False, loss_fn: Callable | None = None) -> dict[str, float]:
+    """Mean loss and top-1 accuracy (in %) of `model` over `loader`; the model is left in eval mode."""
+    device = device or next(model.parameters()).device
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    for x, y in loader:
+        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = model(x)
+        loss_sum += loss_fn(out.float(), y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    return {"loss": float(loss_sum) / max(n, 1), "acc": 100.0 * float(correct) / max(n, 1), "n": n}
+
+
+def _set_epoch(loader, epoch: int, start_batch: int) -> int:
+    """Point the sampler at `epoch`; returns how many batches the caller must still skip by hand."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        try:
+            sampler.set_epoch(epoch, start_batch)
+            return 0
+        except TypeError:  # e.g. DistributedSampler: epoch only
+            sampler.set_epoch(epoch)
+    return start_batch
+
+
+def _write_logs(history: list[dict[str, Any]], log_dir: Path) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(buf.getvalue(), log_dir / "log.csv")
+
+
+def _tensorboard(log_dir: Path | None, purge_step: int):
+    if log_dir is None or not is_main_process():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: CSV only
+        return None
+    return SummaryWriter(str(log_dir / "tb"), purge_step=purge_step)
+
+
+def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, hooks: Hooks | None = None,
+        checkpoint_dir: str | Path | None = None, resume: bool = False, amp: str = "none",
+        channels_last: bool = False, log_dir: str | Path | None = None, device: torch.device | str | None = None,
+        eval_every: int = 1, checkpoint_every: int = 0, progress: bool = True,
+        metrics: Callable[[], Mapping[str, float]] | None = None, loss_fn: Callable | None = None,
+        meta: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Train `model` for `epochs` and return the per-epoch history (the rows of ``log.csv``).
+
+    Per iteration: forward under `autocast`, loss, finite check (all ranks agree), backward (DDP
+    all-reduces), unscale (fp16), ``hooks.after_backward()``, optimizer step, scheduler step
+    (default: cosine from the optimizer's lr to 0 over all iterations), ``hooks.after_step(i)`` with
+    i = the 0-based index of the iteration just taken. `metrics()` adds columns to each epoch's row (e.g. MACs).
+    `meta` is stored in the checkpoint and must match on resume (guards against resuming another run).
+    """
+    device = torch.device(device) if isinstance(device, str) else (device or resolve_device())
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    _set_epoch(train_loader, 0, 0)
+    iters_per_epoch = len(train_loader)
+    if scheduler is None:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * iters_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    log_dir = Path(log_dir) if log_dir is not None else None
+    meta = dict(meta or {})
+
+    epoch, start_batch, step, history, resumed_rng = 0, 0, 0, [], None
+    sums = {"loss": 0.0, "correct": 0, "n": 0, "time": 0.0}
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ck = load_file(ckpt_path, map_location=device)
+        if not isinstance(ck, dict) or ck.get("format") != _FORMAT:
+            raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this app (format {_FORMAT})")
+        if ck.get("meta", {}) != meta:
+            raise CheckpointError(f"{ckpt_path} was written by another run: its settings {ck.get('meta')} "
+                                  f"differ from this run's {meta}; use a fresh --out or the same settings")
+        load_state_dict_checked(model, ck["model"], f"checkpoint {ckpt_path}")
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        if hooks is not None:
+            hooks.load_state_dict(ck["hooks"])
+        set_rng_state(ck["rng"])
+        resumed_rng = ck["rng"] if ck["step_in_epoch"] else None
+        epoch, start_batch, step = ck["epoch"], ck["step_in_epoch"], ck["step"]
+        history, sums = list(ck["history"]), dict(ck["sums"])
+
+    def save(epoch_: int, batch_: int) -> None:
+        if ckpt_path is None or not is_main_process():
+            return
+        atomic_save({"format": _FORMAT, "meta": meta, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "hooks": hooks.state_dict() if hooks is not None else None,
+                     "rng": rng_state(), "epoch": epoch_, "step_in_epoch": batch_, "step": step,
+                     "history": history, "sums": sums}, ckpt_path)
+
+    net = model
+    if _distributed():
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = _tensorboard(log_dir, step)
+    main = is_main_process()
+    try:
+        while epoch < epochs:
+            skip = _set_epoch(train_loader, epoch, start_batch)
+            batches = itertools.islice(iter(train_loader), skip, None)
+            if resumed_rng is not None:  # creating the iterator drew from the RNG; mid-epoch it must not count
+                set_rng_state(resumed_rng)
+                resumed_rng = None
+            model.train()
+            t0 = time.perf_counter()
+            bar = tqdm(batches, total=iters_per_epoch, initial=start_batch, disable=not (progress and main),
+                       desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+            for b, (x, y) in enumerate(bar, start=start_batch):
+                x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+                with autocast(device, amp):
+                    out = net(x)
+                    loss = loss_fn(out.float(), y)
+                finite = torch.isfinite(loss.detach()).to(torch.int32)
+                if _distributed():
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not bool(finite):
+                    where = f"epoch {epoch + 1}, batch {b + 1}, iteration {step + 1}"
+                    kept = f"; the last good checkpoint {ckpt_path} is kept" if ckpt_path and ckpt_path.exists() else ""
+                    raise NonFiniteLossError(f"loss is {loss.item()} at {where}: stopped before the update"
+                                             f"{kept}. Lower the learning rate or use amp=bf16/none.")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if scaler.is_enabled():
+                    scaler.unscale_(optimizer)
+                if hooks is not None:
+                    hooks.after_backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if hooks is not None:
+                    hooks.after_step(step)
+                step += 1
+                sums["loss"] += float(loss.detach()) * len(y)
+                sums["correct"] += int((out.detach().argmax(1) == y).sum())
+                sums["n"] += len(y)
+                if main and progress and b % 10 == 0:
+                    bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if checkpoint_every and step % checkpoint_every == 0 and b + 1 < iters_per_epoch:
+                    sums["time"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    save(epoch, b + 1)
+            bar.close()
+            sums["time"] += time.perf_counter() - t0
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                                   "train_loss": sums["loss"] / max(sums["n"], 1),
+                                   "train_acc": 100.0 * sums["correct"] / max(sums["n"], 1),
+                                   "epoch_time_s": sums["time"]}
+            if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+                ev = evaluate(model, val_loader, device=device, amp=amp, channels_last=channels_last, loss_fn=loss_fn)
+                row.update(val_loss=ev["loss"], val_acc=ev["acc"])
+            if metrics is not None:
+                row.update(metrics())
+            history.append(row)
+            epoch, start_batch = epoch + 1, 0
+            sums = {"loss": 0.0, "correct": 0, "n": 0, "time": 0.0}
+            save(epoch, 0)
+            if main and log_dir is not None:
+                _write_logs(history, log_dir)
+                if writer is not None:
+                    for k, v in row.items():
+                        if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
+                            writer.add_scalar(k, v, step)
+                    writer.flush()
+            if main and progress:
+                shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
+                tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+    finally:
+        if writer is not None:
+            writer.close()
+    return history

@@ -1,0 +1,391 @@
+"""`ResRep`: compactors on the channel groups of a network, the gradient rule and the mask schedule.
+
+Drop-in use in any training loop::
+
+    rr = ResRep(model, example_inputs, ResRepConfig(flops_target=0.5), iters_per_epoch=len(loader))
+    opt = torch.optim.SGD(rr.param_groups(), lr=rr.config.lr)
+    for it, (x, y) in enumerate(batches):
+        loss = F.cross_entropy(rr.model(x), y)
+        opt.zero_grad(); loss.backward()
+        rr.after_backward()          # after DDP's all-reduce and after GradScaler.unscale_
+        opt.step()
+        rr.after_step(it)            # masks on schedule
+    deploy, report = rr.convert()
+
+`ResRep` works on a deep copy of ``model`` (the original is untouched); ``rr.model`` is the network
+to train. Every producer (conv or linear whose output rows define a channel group's channels, see
+`reparam.graph`) of every candidate group gets an identity-initialised compactor right after its
+BatchNorm (or after the producer itself when it has none). The compactors of one group share one
+mask, so residual-coupled groups (stem, projection shortcuts, last conv of each block) are pruned as
+a whole; ``mode="paper"`` keeps only single-producer groups (the internal layers of blocks).
+Pass the bare model (wrap ``rr.model`` in DDP afterwards, not before).
+
+Deliberate differences from the original ResRep code:
+
+* compactors on residual-coupled groups too (one mask per group, shared by all its producers; a
+  channel scores the RMS of its compactor rows' norms); ``mode="paper"`` restores internal-only;
+* every round selects from all-ones, so a layer with no masked channel this round is reset (the
+  original kept such a layer's previous, stale mask);
+* channels skipped because their group is at its minimum width do not consume the round's budget
+  (the original counted them), and a zero budget masks nothing;
+* the MACs target uses `reparam.graph`'s MACs model (1x1 projections at their true cost);
+* norm weights are exempt from weight decay by module type, not by a "bn" in the parameter name;
+* a zero compactor row gets the penalty subgradient 0 instead of a division by zero;
+* conversion removes the *masked* channels (the decision) rather than rows under the 1e-5
+  threshold, zeroes them exactly, reports the largest removed row norm and verifies the result.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from reparam.graph import ChannelGroup, PruneError, prune, trace
+from reparam.graph.tracing import as_tuple
+from reparam.ops.blocks import Compactor
+
+from .config import ResRepConfig
+from .convert import ConversionReport, convert
+from .selection import channel_scores, mask_budget, select_masks
+
+__all__ = ["ResRep", "Compacted", "CompactorSite", "compactor_gradient"]
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def compactor_gradient(weight: Tensor, grad: Tensor | None, keep: Tensor, lasso_strength: float) -> Tensor:
+    """ResRep's compactor gradient, row by row (row j = output channel j of the compactor):
+
+        G_j = m_j · ∂L/∂Q_j + λ · Q_j / ‖Q_j‖₂
+
+    The keep-mask m resets the task gradient of masked rows; the group-lasso subgradient acts on all
+    rows. A zero row takes the subgradient 0 (no division by zero). ``grad=None`` is a zero task
+    gradient. Same shape, dtype and device as ``weight``.
+    """
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    penalty = rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)  # 0 for a zero row
+    m = keep.to(device=weight.device, dtype=weight.dtype).reshape(-1, 1)
+    task = torch.zeros_like(rows) if grad is None else grad.reshape(rows.shape) * m
+    return (task + lasso_strength * penalty).reshape(weight.shape)
+
+
+class Compacted(nn.Module):
+    """``compactor(host(x))``: a producer's BatchNorm (or the producer itself) followed by its compactor."""
+
+    def __init__(self, host: nn.Module, compactor: Compactor) -> None:
+        super().__init__()
+        self.host = host
+        self.compactor = compactor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.compactor(self.host(x))
+
+
+@dataclass(frozen=True, eq=False)
+class CompactorSite:
+    """The compactor after producer ``module`` (after its BatchNorm ``norm`` when it has one).
+
+    ``slices`` maps the producer's rows to candidate groups: ``(group id, rows, channels)`` says
+    row ``rows[k]`` of the producer (and of its compactor) carries channel ``channels[k]`` of the group.
+    A producer may feed several groups (e.g. a zero-padded shortcut splits a stage's channels)."""
+
+    module: str
+    norm: str | None
+    slices: tuple[tuple[int, Tensor, Tensor], ...]
+
+    @property
+    def host(self) -> str:
+        """Path of the `Compacted` wrapper: the norm's slot, or the producer's when it has no norm."""
+        return self.norm if self.norm is not None else self.module
+
+    @property
+    def conv(self) -> str:
+        """The producer's path inside the compacted model."""
+        return self.module + ".host" if self.norm is None else self.module
+
+
+class ResRep:
+    """ResRep on a copy of ``model``: compactors, optimizer groups, gradient rule, mask schedule, conversion.
+
+    ``example_inputs`` (a tensor or tuple) is used to trace the channel groups and to verify the
+    conversion. ``iters_per_epoch`` resolves ``config.before_mask_iters=None`` (5 epochs).
+    Raises `reparam.graph.GraphTraceError` for untraceable models and ValueError when no group can
+    be pruned or the MACs target is out of reach.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Tensor | Sequence[Tensor],
+        config: ResRepConfig | None = None,
+        *,
+        iters_per_epoch: int | None = None,
+        leaf_modules: Sequence[str | type[nn.Module]] = (),
+    ) -> None:
+        self.config = config if config is not None else ResRepConfig()
+        self.iters_per_epoch = iters_per_epoch
+        self.model = copy.deepcopy(model)
+        device = next(self.model.parameters()).device
+        self.example_inputs: tuple[Tensor, ...] = tuple(x.to(device) for x in as_tuple(example_inputs))
+        self.graph = trace(self.model, self.example_inputs, leaf_modules=tuple(leaf_modules))
+        reasons = {g.id: self._skip_reason(g) for g in self.graph.groups}
+        reasons.update(self._surgery_failures([g for g in self.graph.groups if reasons[g.id] is None]))
+        self.groups: list[ChannelGroup] = [g for g in self.graph.groups if reasons[g.id] is None]
+        self.skipped: dict[int, str] = {gid: r for gid, r in reasons.items() if r is not None}
+        if not self.groups:
+            raise ValueError(
+                f"ResRep found no prunable channel group with mode={self.config.mode!r} "
+                f"(why, per group id: {dict(list(self.skipped.items())[:8])}); "
+                "use mode='residual' or a model with prunable convs")
+        slices: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
+        norms: dict[str, str | None] = {}
+        for group in self.groups:
+            for p in group.producers:
+                rows = torch.as_tensor(p.member.positions, dtype=torch.long)
+                channels = torch.as_tensor(p.member.channels, dtype=torch.long)
+                slices.setdefault(p.module, []).append((group.id, rows, channels))
+                norms[p.module] = p.norm
+        self.sites: list[CompactorSite] = []
+        for module, parts in slices.items():
+            site = CompactorSite(module, norms[module], tuple(parts))
+            weight = self.model.get_submodule(module).weight
+            compactor = Compactor(weight.shape[0], device=weight.device, dtype=weight.dtype)
+            self.model.set_submodule(site.host, Compacted(self.model.get_submodule(site.host), compactor))
+            self.sites.append(site)
+        self.masks: dict[int, Tensor] = {g.id: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
+        self.iteration = -1
+        self.base_macs = int(self.graph.macs())
+        self.target_macs = self.config.flops_target * self.base_macs
+        floor = self.graph.macs({g.id: self._min_keep(g) for g in self.groups})
+        if floor > self.target_macs:
+            raise ValueError(
+                f"flops_target={self.config.flops_target} is out of reach: with every candidate group at its "
+                f"minimum width the model still has {floor / self.base_macs:.3f} of its {self.base_macs} MACs "
+                f"(mode={self.config.mode!r}); raise flops_target"
+                + (" or use mode='residual'" if self.config.mode == "paper" else ""))
+
+    # ------------------------------------------------------------------ structure
+    def _skip_reason(self, group: ChannelGroup) -> str | None:
+        """Why ``group`` gets no compactors (None: it is a candidate)."""
+        if not group.prunable:
+            return f"not prunable: {group.reason}"
+        if not group.producers:
+            return "no producer layer"
+        if self.config.mode == "paper" and len(group.producers) > 1:
+            return "mode='paper' keeps residual-coupled groups at full width"
+        for p in group.producers:
+            layer = self.model.get_submodule(p.module)
+            if type(layer) is not nn.Conv2d or layer.groups != 1:
+                return (f"producer {p.module} is a {type(layer).__name__}"
+                        f"{f' with groups={layer.groups}' if isinstance(layer, nn.Conv2d) else ''}; a dense 1x1 "
+                        "compactor only merges into a plain Conv2d without keeping a grouped conv grouped")
+        return None
+
+    def _surgery_failures(self, groups: list[ChannelGroup]) -> dict[int, str]:
+        """Groups whose channels `reparam.graph.prune` cannot remove (e.g. a size hard-coded in the
+        model's code), found before any training by a dry run that keeps a different fraction (30-70%)
+        of every group, so that coupled sizes cannot match by coincidence; each failing group is
+        skipped with the reason and a warning, so the conversion cannot fail after training."""
+        def keep_count(g: ChannelGroup) -> int:
+            fraction = 0.3 + 0.4 * ((g.id * 0.6180339887) % 1.0)
+            return max(self._min_keep(g), int(g.size * fraction) // g.multiple * g.multiple)
+
+        def dry_run(subset: list[ChannelGroup]) -> str | None:
+            keep = {g.id: range(keep_count(g)) for g in subset if keep_count(g) < g.size}
+            try:
+                prune(self.model, self.example_inputs, keep, graph=self.graph)
+            except PruneError as exc:
+                return str(exc)
+            return None
+
+        failures: dict[int, str] = {}
+
+        def bisect(subset: list[ChannelGroup]) -> None:
+            why = dry_run(subset)
+            if why is None:
+                return
+            if len(subset) == 1:
+                failures[subset[0].id] = f"reparam.graph.prune cannot remove its channels: {why}"
+                return
+            found = len(failures)
+            bisect(subset[: len(subset) // 2])
+            bisect(subset[len(subset) // 2:])
+            if len(failures) == found:  # only the combination fails: keep the whole subset unpruned
+                failures.update({g.id: f"reparam.graph.prune cannot remove these channels together with "
+                                       f"groups {[h.id for h in subset]}: {why}" for g in subset})
+
+        bisect(groups)
+        if failures:
+            warnings.warn(f"ResRep leaves {len(failures)} channel group(s) at full width because the pruned "
+                          f"program would not run: {next(iter(failures.values()))}", RuntimeWarning, stacklevel=3)
+        return failures
+
+    def _min_keep(self, group: ChannelGroup) -> int:
+        return min(group.size, max(self.config.num_at_least, group.min_channels))
+
+    def compactor(self, site: CompactorSite) -> Compactor:
+        """The compactor module at ``site``."""
+        return self.model.get_submodule(site.host).compactor
+
+    def compactors(self) -> list[tuple[CompactorSite, Compactor]]:
+        """Every ``(site, compactor)`` pair, one per compacted producer layer."""
+        return [(s, self.compactor(s)) for s in self.sites]
+
+    # ------------------------------------------------------------------ optimizer
+    def param_groups(self) -> list[dict[str, Any]]:
+        """SGD parameter groups (dampening 0, no Nesterov):
+
+        ========================== ============ ================== ==============
+        tensors                    lr           momentum           weight decay
+        ========================== ============ ================== ==============
+        conv / linear kernels      lr           momentum           weight_decay
+        norm weights               lr           momentum           0
+        biases                     bias_lr_factor·lr  momentum     0
+        depthwise conv kernels     lr           momentum           0
+        compactor kernels          lr           compactor_momentum 0
+        ========================== ============ ================== ==============
+
+        Norm weights are recognised by module type (not by a "bn" in the name), so any norm layer is
+        exempt from decay. Each group carries a ``name`` key.
+        """
+        c = self.config
+        spec = {
+            "weight": (c.lr, c.momentum, c.weight_decay),
+            "norm": (c.lr, c.momentum, 0.0),
+            "bias": (c.bias_lr_factor * c.lr, c.momentum, 0.0),
+            "depthwise": (c.lr, c.momentum, 0.0),
+            "compactor": (c.lr, c.compactor_momentum, 0.0),
+        }
+        buckets: dict[str, list[nn.Parameter]] = {k: [] for k in spec}
+        for module in self.model.modules():
+            for pname, param in module.named_parameters(recurse=False):
+                if not param.requires_grad:
+                    continue
+                if isinstance(module, Compactor):
+                    kind = "compactor"
+                elif pname.endswith("bias"):
+                    kind = "bias"
+                elif isinstance(module, _NORMS):
+                    kind = "norm"
+                elif isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels:
+                    kind = "depthwise"
+                else:
+                    kind = "weight"
+                buckets[kind].append(param)
+        return [
+            {"params": params, "lr": spec[k][0], "momentum": spec[k][1], "weight_decay": spec[k][2], "name": k}
+            for k, params in buckets.items() if params
+        ]
+
+    # ------------------------------------------------------------------ training hooks
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Rewrite every compactor's ``.grad`` by `compactor_gradient` with its rows' masks.
+
+        Call after ``loss.backward()`` (so after DDP's all-reduce) and, with a GradScaler, after
+        ``scaler.unscale_(optimizer)``; the result then goes through the usual momentum step."""
+        for _, compactor in self.compactors():
+            weight = compactor.weight
+            weight.grad = compactor_gradient(weight, weight.grad, compactor.mask, self.config.lasso_strength)
+
+    def after_step(self, iteration: int) -> None:
+        """Call after ``optimizer.step()`` with the 0-based index of that step; re-selects the masks
+        when ``iteration - start`` is a positive multiple of ``mask_interval``."""
+        self.iteration = int(iteration)
+        if self.config.is_mask_update(self.iteration, self.iters_per_epoch):
+            self.update_masks()
+
+    def channel_scores(self) -> dict[int, Tensor]:
+        """Per candidate group: the score of each channel (RMS of its compactor rows' L2 norms)."""
+        rows: dict[int, list[tuple[Tensor, Tensor]]] = {g.id: [] for g in self.groups}
+        for site, compactor in self.compactors():
+            w = compactor.weight.detach()
+            norms = w.reshape(w.shape[0], -1).norm(dim=1).to("cpu", torch.float64)
+            for gid, r, ch in site.slices:
+                rows[gid].append((ch, norms[r]))
+        return {g.id: channel_scores(g.size, rows[g.id]) for g in self.groups}
+
+    @torch.no_grad()
+    def update_masks(self) -> None:
+        """One selection round (`apps.resrep.selection.select_masks`): recomputed from all-ones, at most
+        ``begin_granularity`` more masked channels while above the MACs target. Deterministic: the
+        same weights give the same masks on every rank."""
+        scores = self.channel_scores()
+        ids = [g.id for g in self.groups]
+        num_masked = sum(int((~m).sum()) for m in self.masks.values())
+        budget = mask_budget(num_masked, self.macs(), self.target_macs, self.config.begin_granularity)
+        new = select_masks(
+            [scores[i] for i in ids],
+            macs=lambda widths: self.graph.macs(dict(zip(ids, widths))),
+            target_macs=self.target_macs,
+            min_keep=[self._min_keep(g) for g in self.groups],
+            multiple=[g.multiple for g in self.groups],
+            budget=budget,
+        )
+        self.set_masks(dict(zip(ids, new)))
+
+    def set_masks(self, masks: Mapping[int, Tensor]) -> None:
+        """Adopt keep-masks (``True`` = kept) for every candidate group id (e.g. to prune by hand) and
+        mirror them row by row into the compactors' ``mask`` buffers."""
+        sizes = {g.id: g.size for g in self.groups}
+        got = {int(k): int(v.numel()) for k, v in masks.items()}
+        if got != sizes:
+            raise ValueError(f"masks do not fit this model: got {{group id: size}} {got}, expected {sizes} "
+                             "(another architecture or mode?)")
+        self.masks = {int(gid): m.detach().to("cpu", torch.bool).clone() for gid, m in masks.items()}
+        with torch.no_grad():
+            for site, compactor in self.compactors():
+                compactor.mask.copy_(self.row_keep(site).to(compactor.mask.dtype))
+
+    def row_keep(self, site: CompactorSite) -> Tensor:
+        """Keep flags of the producer's rows at ``site`` (rows outside candidate groups are kept)."""
+        keep = torch.ones(self.layer(site.module).weight.shape[0], dtype=torch.bool)
+        for gid, rows, channels in site.slices:
+            keep[rows] = self.masks[gid][channels]
+        return keep
+
+    # ------------------------------------------------------------------ accounting
+    def group_widths(self) -> dict[int, int]:
+        """Kept channels per candidate group id."""
+        return {gid: int(m.sum()) for gid, m in self.masks.items()}
+
+    def macs(self, masked: bool = True) -> int:
+        """MACs of the network at the masked widths (``masked=False``: the original)."""
+        return int(self.graph.macs(self.group_widths())) if masked else self.base_macs
+
+    def layer(self, name: str) -> nn.Module:
+        """The producer layer ``name`` (qualified name in the original model) inside ``self.model``."""
+        module = self.model.get_submodule(name)
+        return module.host if isinstance(module, Compacted) else module
+
+    def widths(self, masked: bool = True) -> dict[str, int]:
+        """Output channels per producer layer (qualified names of the original model), every layer of
+        the channel graph included; ``masked=True`` counts only the rows the masks keep."""
+        out = {p.module: int(self.layer(p.module).weight.shape[0]) for g in self.graph.groups for p in g.producers}
+        if masked:
+            for site in self.sites:
+                out[site.module] = int(self.row_keep(site).sum())
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (bool tensors keyed by group id as text) and the last iteration (weights_only-loadable).
+        Compactor weights live in ``rr.model.state_dict()``."""
+        return {"masks": {str(k): v.clone() for k, v in self.masks.items()}, "iteration": self.iteration}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict` output; ValueError when its masks belong to another model."""
+        self.set_masks({int(k): v for k, v in state["masks"].items()})
+        self.iteration = int(state["iteration"])
+
+    # ------------------------------------------------------------------ conversion
+    def convert(self, verify_inputs: Tensor | Sequence[Tensor] | None = None) -> tuple[nn.Module, ConversionReport]:
+        """``(deploy, report)``: the plain narrow network (original architecture, no compactors, no
+        BN after producers), verified against the compactor model with masked rows zeroed; see
+        `apps.resrep.convert.convert`."""
+        return convert(self, verify_inputs)

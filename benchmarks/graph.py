@@ -1,0 +1,181 @@
+"""Channel-group discovery and pruning on every torchvision classifier: reparam.graph vs Torch-Pruning.
+
+For each model (random init, batch 1, a small input it accepts) and each tool, in a forked worker
+with a time limit: build the channel groups (timed), prune about 50% of every prunable group (the
+final classifier's outputs excluded; Torch-Pruning is told to ignore the classifier layer) and check that the pruned model still runs with an unchanged
+output shape. Also times one forward pass, to check reparam's budget of 2 x forward + 0.5 s.
+Prints a table and a summary (coverage, median build-time ratio reparam / Torch-Pruning) and writes
+`benchmarks/results/graph.json`. Torch-Pruning is a benchmark-only dependency (`pip install -e '.[bench]'`).
+
+    python benchmarks/graph.py [--models resnet18 swin_t] [--timeout 240] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results" / "graph.json"
+
+
+def make(name: str) -> tuple[nn.Module, torch.Tensor]:
+    kwargs, size = {}, 64
+    if name in ("googlenet", "inception_v3"):
+        kwargs = dict(aux_logits=False, init_weights=False)
+        size = 75 if name == "inception_v3" else 64
+    elif name.startswith("vit_"):
+        size = 28 if name.endswith("_14") else 32
+        kwargs = dict(image_size=size)
+    elif name.startswith("maxvit"):
+        size = 224
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, **kwargs).eval(), torch.randn(1, 3, size, size)
+
+
+def forward_seconds(model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        model(x)
+    return time.perf_counter() - start
+
+
+def run_reparam(model: nn.Module, x: torch.Tensor, out: dict) -> None:
+    from reparam.graph import prune, trace
+    start = time.perf_counter()
+    graph = trace(model, x)
+    out["build_s"] = time.perf_counter() - start
+    keep = {}
+    for g in graph.groups:
+        if g.prunable and g.size > 1:
+            n = max(g.multiple, g.size // 2 // g.multiple * g.multiple)
+            keep[g.id] = list(range(0, g.size))[:n]
+    small = prune(model, x, keep, graph=graph)
+    with torch.no_grad():
+        ok = small(x).shape == model(x).shape
+    fixed = sorted({g.reason.split(" at node")[0] for g in graph.groups if not g.prunable and g.producers
+                    and "model output" not in g.reason})
+    out.update(ok=bool(ok), groups=len(graph.groups), pruned_groups=len(keep), macs_before=graph.macs(),
+               macs_after=graph.macs({k: len(v) for k, v in keep.items()}), fixed=fixed)
+
+
+def run_torch_pruning(model: nn.Module, x: torch.Tensor, out: dict) -> None:
+    import torch_pruning as tp
+    start = time.perf_counter()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    groups = list(dg.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear]))
+    out.update(build_s=time.perf_counter() - start, groups=len(groups))
+    with torch.no_grad():
+        classes = model(x).shape[-1]
+    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == classes
+               or isinstance(m, nn.Conv2d) and m.out_channels == classes]   # the classifier, linear or 1x1 conv
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=0.5, ignored_layers=ignored)
+    pruner.step()
+    with torch.no_grad():
+        out["ok"] = bool(model(x).shape[-1] == classes)
+
+
+TOOLS = {"reparam": run_reparam, "torch_pruning": run_torch_pruning}
+
+
+def _worker(tool: str, name: str, threads: int, queue: mp.Queue) -> None:
+    torch.set_num_threads(threads)
+    out: dict = {"ok": False}
+    try:
+        model, x = make(name)
+        out.update(forward_s=forward_seconds(model, x), input=list(x.shape))
+        TOOLS[tool](model, x, out)
+    except Exception as exc:  # a failure is a result here
+        out.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}",
+                   where=traceback.format_exc(limit=-1).strip().splitlines()[-3:])
+    queue.put(out)
+
+
+def run(tool: str, name: str, threads: int, timeout: float) -> dict:
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(tool, name, threads, queue))
+    proc.start()
+    try:
+        return queue.get(timeout=timeout)
+    except Exception:
+        return {"ok": False, "error": f"timeout after {timeout:.0f} s"}
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--timeout", type=float, default=240.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    torch.set_num_threads(args.threads)
+    warm_model, warm_x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)
+    for tool in TOOLS.values():   # first-call costs (lazy imports, caches) are paid here, before forking
+        tool(warm_model, warm_x, {})
+    rows = []
+    print(f"{'model':22s} {'fwd s':>7s} {'reparam s':>10s} {'ok':>3s} {'TP s':>8s} {'ok':>3s} {'ratio':>6s}  budget")
+    for name in names:
+        ours, theirs = run("reparam", name, args.threads, args.timeout), run("torch_pruning", name, args.threads, args.timeout)
+        both = "build_s" in ours and "build_s" in theirs and "error" not in ours
+        ratio = ours["build_s"] / theirs["build_s"] if both else None
+        fwd = ours.get("forward_s", theirs.get("forward_s"))
+        budget = ours["build_s"] <= 2 * fwd + 0.5 if "build_s" in ours and fwd is not None else None
+        rows.append({"model": name, "reparam": ours, "torch_pruning": theirs, "ratio": ratio, "within_budget": budget})
+        fmt = lambda r: (f"{r['build_s']:10.3f}" if "build_s" in r else f"{'-':>10s}")
+        print(f"{name:22s} {fwd if fwd is not None else float('nan'):7.3f} {fmt(ours)} {'ok' if ours['ok'] else 'NO':>3s} "
+              f"{fmt(theirs)[2:]} {'ok' if theirs['ok'] else 'NO':>3s} "
+              f"{ratio if ratio is not None else float('nan'):6.2f}  {budget}", flush=True)
+        for tool, r in (("reparam", ours), ("torch_pruning", theirs)):
+            if not r["ok"]:
+                print(f"    {tool}: {r.get('error', 'output shape changed')}")
+        _write(args, rows)                       # after every model, so an interrupted run keeps its rows
+    print(json.dumps(_write(args, rows), indent=1))
+
+
+def _summary(rows: list[dict]) -> dict:
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    return {
+        "models": len(rows),
+        "reparam_ok": sum(r["reparam"]["ok"] for r in rows),
+        "torch_pruning_ok": sum(r["torch_pruning"]["ok"] for r in rows),
+        "median_build_ratio": statistics.median(ratios) if ratios else None,
+        "reparam_within_budget": sum(bool(r["within_budget"]) for r in rows),
+        "max_reparam_build_s": max((r["reparam"].get("build_s", 0.0) for r in rows), default=0.0),
+    }
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> dict:
+    summary = _summary(rows)
+    meta = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": args.threads,
+            "machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        from importlib.metadata import version
+        meta["torch_pruning"] = version("torch-pruning")
+    except Exception:
+        meta["torch_pruning"] = None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    tmp.replace(args.out)
+    return summary
+
+if __name__ == "__main__":
+    main()

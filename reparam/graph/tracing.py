@@ -1,0 +1,111 @@
+"""torch.fx front end: symbolic trace plus shape propagation, with errors that say what to do."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import GraphTraceError
+
+LeafSpec = str | type[nn.Module]
+
+
+class _LeafTracer(fx.Tracer):
+    """Tracer that also treats user-named modules (qualified names or classes) as leaves and
+    remembers which module it was inside when tracing failed."""
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec]):
+        super().__init__()
+        specs = tuple(leaf_modules)
+        self._leaf_names = {s for s in specs if isinstance(s, str)}
+        self._leaf_types = tuple(s for s in specs if isinstance(s, type))
+        self.module_stack_names: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        self.module_stack_names.append(self.path_of_module(m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.module_stack_names.pop()
+        return out
+
+
+def as_tuple(example_inputs: torch.Tensor | tuple | list) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def symbolic_trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = (),
+                   concrete_args: Mapping[str, Any] | None = None) -> fx.Graph:
+    """Trace `model` with torch.fx; on failure raise `GraphTraceError` naming the innermost module."""
+    tracer = _LeafTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
+        where = tracer.module_stack_names[-1] if tracer.module_stack_names else "<root>"
+        owner = model.get_submodule(where) if where != "<root>" else model
+        raise GraphTraceError(
+            f"torch.fx could not trace module '{where}' ({type(owner).__name__}): {type(exc).__name__}: {exc}. "
+            f"Mark it a leaf with trace(..., leaf_modules=('{where}',)) (its channels then stay unpruned), "
+            f"or fix data-dependent control flow with concrete_args={{...}}.") from exc
+    return graph
+
+
+def _meta(value: Any) -> Any:
+    """Shape and dtype of a node's value (tensors, possibly inside tuples/lists), in ShapeProp's format."""
+    if isinstance(value, torch.Tensor):
+        return TensorMetadata(value.shape, value.dtype, value.requires_grad, (), None, False, {})
+    if isinstance(value, (tuple, list)):
+        return type(value)(_meta(v) for v in value) if type(value) in (tuple, list) else tuple(_meta(v) for v in value)
+    return None
+
+
+class _ShapeRecorder(fx.Interpreter):  # runs on the model itself: no GraphModule codegen needed
+    """Runs the traced program once, recording every node's output shapes as `meta['tensor_meta']` (a
+    lighter ShapeProp), and measuring with `torch.utils.flop_counter` the MACs of opaque nodes (ops
+    the channel rules do not model, e.g. a leaf attention module) as `meta['opaque_macs']`."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, opaque: Callable[[fx.Node], bool]):
+        super().__init__(root, graph=graph)
+        self._opaque = opaque
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("call_module", "call_function", "call_method") and self._opaque(n):
+            # with grad enabled, fused inference fast paths (which the counter cannot see) stay off
+            with FlopCounterMode(display=False) as counter, torch.enable_grad():
+                out = super().run_node(n)
+            out = out.detach() if isinstance(out, torch.Tensor) else out
+            n.meta["opaque_macs"] = counter.get_total_flops() // 2
+        else:
+            out = super().run_node(n)
+        meta = _meta(out)
+        if meta is not None:
+            n.meta["tensor_meta"] = meta
+        else:
+            n.meta.pop("tensor_meta", None)
+        return out
+
+
+def propagate_shapes(root: nn.Module, graph: fx.Graph, example_inputs: tuple,
+                     opaque: Callable[[fx.Node], bool] = lambda n: False) -> None:
+    """Annotate every node with `meta['tensor_meta']` by running the traced program once (eval mode,
+    no grad; the modules' train/eval flags are restored afterwards, so running statistics are untouched)."""
+    training = [m for m in root.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        with torch.no_grad():
+            _ShapeRecorder(root, graph, opaque).run(*example_inputs)
+    except Exception as exc:
+        raise GraphTraceError(f"running the traced program on the example inputs failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        for m in training:
+            m.training = True

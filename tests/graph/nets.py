@@ -1,0 +1,193 @@
+"""Small hand-built networks with the couplings that break channel pruners."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.a, self.b = conv_bn(cin, cout, 3, stride), conv_bn(cout, cout)
+        self.short = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.b(F.relu(self.a(x))) + self.short(x))
+
+
+class CifarResNet(nn.Module):
+    """Nested residuals, a projection shortcut, global pooling and a linear head."""
+
+    def __init__(self, width: int = 8, classes: int = 5):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.layer1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 2 * width))
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(F.relu(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ConcatResidual(nn.Module):
+    """Two residual branches concatenated, then a BN over the concat and a residual add on it."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.b1, self.b2 = conv_bn(c, c), conv_bn(c, c)
+        self.c1 = conv_bn(c, c)
+        self.mix = conv_bn(2 * c, 2 * c)
+        self.bn = nn.BatchNorm2d(2 * c)
+        self.head = nn.Conv2d(2 * c, 4, 1)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        y = torch.cat([F.relu(self.b1(s)) + s, F.relu(self.c1(F.relu(self.b2(s)))) + s], dim=1)
+        y = F.relu(self.bn(y))
+        y = F.relu(self.mix(y)) + y
+        return self.head(y).mean((2, 3))
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNet-v2 style: chunk, branch, concat, channel shuffle (view / transpose / view)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.branches = nn.ModuleList(
+            nn.Sequential(conv_bn(c // 2, c // 2, 1), nn.ReLU(), conv_bn(c // 2, c // 2, 3, groups=c // 2),
+                          conv_bn(c // 2, c // 2, 1), nn.ReLU()) for _ in range(2))
+        self.head = nn.Conv2d(c, 3, 1)
+
+    @staticmethod
+    def shuffle(x, groups: int = 2):
+        b, c, h, w = x.size()
+        return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for branch in self.branches:
+            x1, x2 = x.chunk(2, dim=1)
+            x = self.shuffle(torch.cat((x1, branch(x2)), dim=1))
+        return self.head(x).mean((2, 3))
+
+
+class SplitNet(nn.Module):
+    """Uneven torch.split, slicing, and a sum of the pieces through separate convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 10)
+        self.p, self.q = conv_bn(4, 5), conv_bn(6, 5)
+        self.tail = conv_bn(3, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a, b = torch.split(x, [4, 6], dim=1)
+        y = self.p(a) + self.q(b) + self.tail(x[:, 7:])
+        return self.head(y.mean((2, 3)))
+
+
+class SENet(nn.Module):
+    """Squeeze-and-excitation scaling (broadcast multiply) and a grouped (non-depthwise) conv."""
+
+    def __init__(self, c: int = 8, groups: int = 2):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.grouped = conv_bn(c, c, 3, groups=groups)
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.grouped(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        x = x * s
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class SharedConv(nn.Module):
+    """One conv module applied twice (weights shared), so both calls' channels are coupled."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.shared = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = F.relu(self.bn1(self.shared(x)))
+        z = F.relu(self.bn2(self.shared(y)))
+        return self.head(z).mean((2, 3))
+
+
+class FlattenLinear(nn.Module):
+    """VGG-style head without global pooling: flatten (C, H, W) into a linear layer."""
+
+    def __init__(self, c: int = 6, hw: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(3, c), nn.ReLU(), nn.AdaptiveMaxPool2d(hw))
+        self.fc1 = nn.Linear(c * hw * hw, 10)
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(torch.flatten(self.body(x), 1))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written out: fused qkv, head reshape, hard-coded width in the merge."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.scale = (dim // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.dim))
+
+
+class TransformerNet(nn.Module):
+    """Patch embedding, pre-norm blocks (written-out attention and an MLP) and a token-mean head."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, hidden: int = 24, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 4, dim) * 0.1)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            n1=nn.LayerNorm(dim), attn=Attention(dim, heads), n2=nn.LayerNorm(dim),
+            fc1=nn.Linear(dim, hidden), fc2=nn.Linear(hidden, dim))) for _ in range(depth))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        for blk in self.blocks:
+            x = x + blk["attn"](blk["n1"](x))
+            x = x + blk["fc2"](F.gelu(blk["fc1"](blk["n2"](x))))
+        return self.head(x.mean(1))
+
+
+TRICKY = {
+    "cifar_resnet": (CifarResNet, (2, 3, 8, 8)),
+    "concat_residual": (ConcatResidual, (2, 3, 6, 6)),
+    "shuffle": (ShuffleBlock, (2, 3, 6, 6)),
+    "split": (SplitNet, (2, 3, 5, 5)),
+    "se_grouped": (SENet, (2, 3, 6, 6)),
+    "shared_conv": (SharedConv, (2, 3, 5, 5)),
+    "flatten_linear": (FlattenLinear, (2, 3, 8, 8)),
+    "transformer": (TransformerNet, (2, 3, 8, 8)),
+}

@@ -1,0 +1,96 @@
+"""Removing channels that a BatchNorm silences (gamma = beta = 0) leaves the function unchanged."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from reparam.graph import prune, trace
+
+from .helpers import bn_groups, max_rel_err, randomize_bn, zero_channels
+from .nets import TRICKY
+
+
+class RandomNet(nn.Module):
+    """A random stack of conv-BN blocks: plain, residual, grouped, dilated, strided, concatenated."""
+
+    def __init__(self, spec: list[dict], cin: int = 3):
+        super().__init__()
+        self.spec = spec
+        self.convs = nn.ModuleList()
+        self.bns = nn.ModuleList()
+        c = cin
+        for s in spec:
+            cout = s["cout"] if not s["residual"] else c
+            groups = s["groups"] if c % s["groups"] == 0 and cout % s["groups"] == 0 else 1
+            self.convs.append(nn.Conv2d(c, cout, s["k"], s["stride"] if not s["residual"] else 1,
+                                        s["padding"] if not s["residual"] else s["dilation"] * (s["k"] // 2),
+                                        dilation=s["dilation"], groups=groups, bias=s["bias"]))
+            self.bns.append(nn.BatchNorm2d(cout))
+            c = cout + (c if s["concat"] and not s["residual"] else 0)
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        for s, conv, bn in zip(self.spec, self.convs, self.bns):
+            y = F.relu(bn(conv(x)))
+            if s["residual"]:
+                x = x + y
+            elif s["concat"]:
+                x = torch.cat([y, x], 1)
+            else:
+                x = y
+        return self.head(x).mean((2, 3))
+
+
+block = st.fixed_dictionaries(dict(
+    cout=st.integers(2, 6), k=st.sampled_from([1, 3]), stride=st.integers(1, 2), padding=st.integers(0, 1),
+    dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), bias=st.booleans(), residual=st.booleans(),
+    concat=st.booleans()))
+
+
+def _build(spec: list[dict], hw: int) -> nn.Module:
+    for s in spec:
+        # a concat needs equal spatial sizes: only unstrided, size-preserving blocks may concatenate;
+        # a block whose kernel would not fit the remaining map falls back to the same
+        reach = s["dilation"] * (s["k"] - 1) + 1
+        if s["concat"] or (hw + 2 * s["padding"] - reach) // s["stride"] + 1 < 1:
+            s["stride"], s["padding"], s["dilation"] = 1, s["k"] // 2, 1
+        if not s["residual"]:
+            hw = (hw + 2 * s["padding"] - (s["dilation"] * (s["k"] - 1) + 1)) // s["stride"] + 1
+    return RandomNet(spec)
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 4))
+@given(spec=st.lists(block, min_size=1, max_size=4), hw=st.integers(5, 8), seed=st.integers(0, 2**16))
+def test_random_nets_float64(spec, hw, seed):
+    gen = torch.Generator().manual_seed(seed)
+    model = _build(spec, hw).double().eval()
+    randomize_bn(model, gen)
+    x = torch.randn(2, 3, hw, hw, generator=gen, dtype=torch.float64)
+    graph = trace(model, x)
+    keep = zero_channels(model, graph, np.random.default_rng(seed))
+    y = model(x)
+    small = prune(model, x, keep, graph=graph)
+    assert max_rel_err(small(x), y) <= 1e-10
+
+
+@pytest.mark.parametrize("name", sorted(TRICKY))
+@pytest.mark.parametrize("seed", range(3))
+def test_tricky_nets(name, seed):
+    cls, shape = TRICKY[name]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = cls().double().eval()
+    randomize_bn(model, gen)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    graph = trace(model, x)
+    keep = zero_channels(model, graph, np.random.default_rng(seed))
+    if not bn_groups(graph):
+        pytest.skip("no BN-produced groups")
+    assert keep
+    y = model(x)
+    assert max_rel_err(prune(model, x, keep, graph=graph)(x), y) <= 1e-10

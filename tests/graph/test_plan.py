@@ -1,0 +1,53 @@
+"""Pruned models round-trip through a JSON channel plan plus a weights-only state_dict."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from reparam.graph import PruneError, load_pruned, prune, save_pruned, trace
+
+from .helpers import random_keep
+from .nets import CifarResNet, TransformerNet
+
+
+@pytest.mark.parametrize("cls,shape", [(CifarResNet, (2, 3, 8, 8)), (TransformerNet, (2, 3, 8, 8))])
+def test_save_load_roundtrip_twice_pruned(tmp_path, cls, shape, monkeypatch):
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(shape)
+    g = trace(model, x)
+    once = prune(model, x, random_keep(g, 0.6, np.random.default_rng(0)), graph=g)
+    g2 = trace(once, x)
+    twice = prune(once, x, random_keep(g2, 0.6, np.random.default_rng(1)), graph=g2)
+    with torch.no_grad():
+        for p in twice.parameters():
+            p.add_(0.01)                         # weights trained after pruning are what gets saved
+    save_pruned(twice, tmp_path / "m")
+    plan = json.loads((tmp_path / "m" / "plan.json").read_text())
+    assert plan["format"].startswith("reparam.graph.plan") and len(plan["stages"]) == 2
+
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    torch.manual_seed(1)
+    fresh = cls().eval()
+    loaded = load_pruned(fresh, tmp_path / "m").eval()
+    assert calls and all(k.get("weights_only") for k in calls)
+    torch.testing.assert_close(loaded(x), twice(x), rtol=0, atol=0)
+    assert all(p.shape == q.shape for p, q in zip(fresh.parameters(), cls().parameters()))
+
+
+def test_plan_for_another_architecture_is_refused(tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    model = CifarResNet(width=8).eval()
+    g = trace(model, x)
+    save_pruned(prune(model, x, random_keep(g, 0.5, np.random.default_rng(0)), graph=g), tmp_path)
+    with pytest.raises(PruneError, match="different architecture"):
+        load_pruned(CifarResNet(width=12).eval(), tmp_path)
+
+
+def test_save_needs_a_plan(tmp_path):
+    with pytest.raises(PruneError, match="no channel plan"):
+        save_pruned(CifarResNet(), tmp_path)

@@ -1,0 +1,84 @@
+"""DDP: two gloo processes on half batches give the masks and weights of one process on the full batch."""
+from __future__ import annotations
+
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from apps.resrep import ResRep, ResRepConfig
+
+STEPS = 8
+CONFIG = ResRepConfig(flops_target=0.55, before_mask_iters=1, mask_interval=2, begin_granularity=3,
+                      lasso_strength=2e-2, lr=0.05)
+
+
+class ResidualNet(nn.Module):
+    """No BatchNorm (its batch statistics would differ per rank): conv biases, one residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def data():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(8, 1, 6, 6, generator=gen, dtype=torch.float64), torch.arange(8) % 5
+
+
+def run(model: nn.Module, rr: ResRep, x, y) -> list[dict[int, torch.Tensor]]:
+    opt = torch.optim.SGD(rr.param_groups(), lr=CONFIG.lr)
+    history = []
+    for it in range(STEPS):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()  # DDP all-reduces (averages) here
+        rr.after_backward()
+        opt.step()
+        rr.after_step(it)
+        history.append({g: m.clone() for g, m in rr.masks.items()})
+    return history
+
+
+def make() -> ResRep:
+    torch.manual_seed(0)
+    return ResRep(ResidualNet().double(), data()[0][:2], CONFIG)
+
+
+def worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        rr = make()
+        ddp = nn.parallel.DistributedDataParallel(rr.model)
+        x, y = data()
+        half = len(x) // world
+        history = run(ddp, rr, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+        torch.save({"masks": history, "model": rr.model.state_dict()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    single = make()
+    x, y = data()
+    expected = run(single.model, single, x, y)
+    assert any(not m.all() for m in expected[-1].values())  # masking did happen
+    # fork: the workers inherit the imported modules instead of importing torch and the app again
+    mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True,
+                       start_method="fork")
+    for rank in range(2):
+        got = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=True)
+        for step_got, step_expected in zip(got["masks"], expected):
+            assert all(torch.equal(step_got[g], step_expected[g]) for g in step_expected)
+        for k, v in single.model.state_dict().items():
+            assert torch.allclose(got["model"][k], v, rtol=1e-10, atol=1e-12), k

@@ -1,0 +1,144 @@
+"""Mask selection: global ranking, MACs target, per-round budget, minimum widths, config schedule."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from apps.resrep.config import ResRepConfig
+from apps.resrep.selection import channel_scores, global_order, mask_budget, select_masks
+
+
+def additive_macs(costs):
+    return lambda widths: sum(c * w for c, w in zip(costs, widths))
+
+
+def literal_walk(scores, costs, target, min_keep, budget):
+    """The selection written as the plain walk (multiple 1): stop at the target, skip groups at
+    their minimum (not consuming the budget), stop once `budget` channels are masked."""
+    widths = [s.numel() for s in scores]
+    order = sorted(((float(s[c]), g, c) for g, s in enumerate(scores) for c in range(s.numel())))
+    masked = []
+    for _, g, c in order:
+        if sum(k * w for k, w in zip(costs, widths)) <= target or (budget is not None and len(masked) >= budget):
+            break
+        if widths[g] <= min_keep[g]:
+            continue
+        widths[g] -= 1
+        masked.append((g, c))
+    return sorted(masked)
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 5))
+    sizes = [draw(st.integers(1, 9)) for _ in range(n)]
+    # distinct scores so that the literal walk's tie order cannot differ
+    values = draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=sum(sizes), max_size=sum(sizes), unique=True))
+    scores, i = [], 0
+    for s in sizes:
+        scores.append(torch.tensor(values[i:i + s], dtype=torch.float64))
+        i += s
+    costs = [draw(st.integers(1, 50)) for _ in range(n)]
+    min_keep = [draw(st.integers(1, s)) for s in sizes]
+    base = sum(c * s for c, s in zip(costs, sizes))
+    target = draw(st.floats(0.05, 0.99)) * base
+    budget = draw(st.one_of(st.none(), st.integers(0, sum(sizes))))
+    return scores, costs, min_keep, target, budget
+
+
+def masked_pairs(masks):
+    return sorted((g, c) for g, m in enumerate(masks) for c in (~m).nonzero().flatten().tolist())
+
+
+@given(problems())
+def test_selection_equals_the_literal_walk(problem):
+    scores, costs, min_keep, target, budget = problem
+    masks = select_masks(scores, macs=additive_macs(costs), target_macs=target, min_keep=min_keep, budget=budget)
+    assert masked_pairs(masks) == literal_walk(scores, costs, target, min_keep, budget)
+
+
+@given(problems())
+def test_selection_invariants(problem):
+    scores, costs, min_keep, target, budget = problem
+    macs = additive_macs(costs)
+    masks = select_masks(scores, macs=macs, target_macs=target, min_keep=min_keep, budget=budget)
+    widths = [int(m.sum()) for m in masks]
+    masked = masked_pairs(masks)
+    assert all(w >= k for w, k in zip(widths, min_keep))
+    if budget is not None:
+        assert len(masked) <= budget
+    if macs(widths) > target:  # target missed: the budget ran out or every group is at its minimum
+        assert (budget is not None and len(masked) == budget) or widths == min_keep
+    elif masked:  # the shortest walk: one channel fewer would miss the target
+        worst = max(masked, key=lambda gc: float(scores[gc[0]][gc[1]]))
+        back = list(widths)
+        back[worst[0]] += 1
+        assert macs(back) > target
+    # global ranking: a kept channel scoring below a masked one sits in a group at its minimum
+    if masked:
+        top = max(float(scores[g][c]) for g, c in masked)
+        for g, m in enumerate(masks):
+            for c in m.nonzero().flatten().tolist():
+                if float(scores[g][c]) < top:
+                    assert widths[g] == min_keep[g]
+
+
+def test_skipped_channels_do_not_consume_the_budget():
+    # group 0 (min 1 of 2) holds the two lowest scores; its second channel is skipped, not counted
+    scores = [torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4, 0.5])]
+    masks = select_masks(scores, macs=additive_macs([1, 1]), target_macs=0.0, min_keep=[1, 1], budget=3)
+    assert masked_pairs(masks) == [(0, 0), (1, 0), (1, 1)]
+
+
+def test_selection_starts_from_full_widths_and_can_unmask():
+    macs = additive_macs([1, 1])
+    first = select_masks([torch.tensor([0.1, 0.9]), torch.tensor([0.8, 0.7])], macs=macs, target_macs=3, min_keep=[1, 1])
+    assert masked_pairs(first) == [(0, 0)]
+    # channel (0, 0) grew: it is kept again and the new weakest is masked
+    second = select_masks([torch.tensor([0.95, 0.9]), torch.tensor([0.8, 0.7])], macs=macs, target_macs=3, min_keep=[1, 1])
+    assert masked_pairs(second) == [(1, 1)]
+
+
+def test_multiple_removes_whole_chunks():
+    scores = [torch.tensor([0.1, 0.2, 0.3, 0.4, 5.0, 6.0]), torch.tensor([1.0, 2.0])]
+    masks = select_masks(scores, macs=additive_macs([1, 1]), target_macs=5, min_keep=[2, 1], multiple=[2, 1])
+    assert [int(m.sum()) for m in masks] == [2, 2]  # group 0 drops 4 (two chunks of 2), not 1 or 3
+    assert masks[0].tolist() == [False, False, False, False, True, True]
+
+
+def test_ties_break_by_group_then_channel():
+    scores = [torch.ones(3), torch.ones(2)]
+    assert global_order(scores) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+
+
+def test_mask_budget():
+    assert mask_budget(10, current_macs=100, target_macs=50.0, granularity=4) == 14
+    assert mask_budget(10, current_macs=50, target_macs=50.0, granularity=4) is None
+
+
+def test_channel_scores_rms_over_compactors_and_row_maps():
+    a = torch.tensor([3.0, 0.0, 1.0])
+    b = torch.tensor([4.0, 0.0, 1.0])
+    every = torch.arange(3)
+    s = channel_scores(3, [(every, a), (every, b)])
+    assert torch.allclose(s, torch.tensor([12.5 ** 0.5, 0.0, 1.0], dtype=torch.float64))
+    split = channel_scores(4, [(torch.tensor([0, 3]), torch.tensor([1.0, 2.0])), (torch.tensor([2, 1]), torch.tensor([3.0, 4.0]))])
+    assert split.tolist() == [1.0, 4.0, 3.0, 2.0]
+    with pytest.raises(ValueError, match="no compactor row"):
+        channel_scores(3, [(torch.tensor([0]), torch.tensor([1.0]))])
+
+
+def test_config_schedule_and_validation():
+    cfg = ResRepConfig(before_mask_iters=None, mask_interval=200)
+    assert cfg.mask_start(iters_per_epoch=781) == 3905
+    assert [i for i in range(3900, 4400) if cfg.is_mask_update(i, 781)] == [4105, 4305]
+    assert not ResRepConfig(before_mask_iters=0, mask_interval=5).is_mask_update(0, None)
+    with pytest.raises(ValueError, match="iters_per_epoch"):
+        cfg.mask_start(None)
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="flops_target"):
+            ResRepConfig(flops_target=bad)
+    with pytest.raises(ValueError, match="mode"):
+        ResRepConfig(mode="all")

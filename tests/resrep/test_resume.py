@@ -1,0 +1,72 @@
+"""Kill a ResRep run with SIGKILL mid-epoch, resume it, and get exactly what an uninterrupted run gets."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from apps.resrep.checkpoint import load_file
+from apps.resrep.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ["--dataset", "digits", "--train-limit", "256", "--batch-size", "32", "--arch", "digits_resnet",
+        "--width", "4", "--no-progress", "--seed", "3"]
+PRUNE = [*DATA, "--epochs", "5", "--checkpoint-every", "5", "--flops-target", "0.6", "--before-mask-iters", "4",
+         "--mask-interval", "3", "--begin-granularity", "4", "--lasso-strength", "1e-2", "--formats", "state_dict"]
+# The killed run sleeps in every mask-schedule call (numerics untouched), so the kill lands mid-run.
+SLOW_MAIN = """
+import sys, time
+from apps.resrep import method
+step = method.ResRep.after_step
+method.ResRep.after_step = lambda self, i: (time.sleep(0.05), step(self, i))[1]
+from apps.resrep.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels as the subprocess (OMP_NUM_THREADS=1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore:ResRep conversion removed compactor rows")
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, one_thread):
+    assert main(["train", *DATA, "--epochs", "1", "--out", str(tmp_path / "base")]) == 0
+    base = ["--checkpoint", str(tmp_path / "base" / "last.pt")]
+    cut = tmp_path / "cut"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAIN, "prune", *PRUNE, *base, "--out", str(cut)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (cut / "last.pt").exists() or load_file(cut / "last.pt")["step"] < 12:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the run wrote no checkpoint in time"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = load_file(cut / "last.pt")
+    assert killed_at["step"] < 40 and not (cut / "summary.json").exists()
+
+    assert main(["prune", *PRUNE, *base, "--out", str(cut), "--resume"]) == 0
+    assert main(["prune", *PRUNE, *base, "--out", str(tmp_path / "whole")]) == 0
+    a, b = load_file(tmp_path / "whole" / "last.pt"), load_file(cut / "last.pt")
+    assert a["step"] == b["step"] == 40
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+    assert all(torch.equal(a["hooks"]["masks"][g], m) for g, m in b["hooks"]["masks"].items())
+    assert any(not m.all() for m in a["hooks"]["masks"].values())  # masking had started
+    assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
+    assert load_file(cut / "deploy.pt")["state_dict"].keys() == load_file(tmp_path / "whole" / "deploy.pt")["state_dict"].keys()
