@@ -71,10 +71,9 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         elif typing.get_origin(tp) is typing.Literal:
             group.add_argument(_flag(f.name), dest=f.name, choices=typing.get_args(tp), default=default, help=doc)
         elif tp in (int, float, str):
-            conv = tp
-            if optional:
-                def conv(text: str, _tp=tp):  # "none" selects the field's None meaning
-                    return None if text.lower() == "none" else _tp(text)
+            def none_or(text: str, _tp=tp):  # "none" selects the field's None meaning
+                return None if text.lower() == "none" else _tp(text)
+            conv = none_or if optional else tp
             group.add_argument(_flag(f.name), dest=f.name, type=conv, default=default, help=doc,
                                metavar=tp.__name__.upper() + ("|none" if optional else ""))
         else:
@@ -156,16 +155,21 @@ def _meta(data: DataConfig, model: ModelConfig, train: TrainConfig, info: DataIn
 
 
 # ----------------------------------------------------------------------------------------------- commands
-def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, optim: OptimConfig, *,
-              out: str, checkpoint: str = "", resume: bool = False) -> dict[str, Any]:
-    """Train a base model into ``out`` (``last.pt``, ``log.csv``, ``summary.json``, ``history.png``)."""
+def _start_run(data: DataConfig, train: TrainConfig, out: str, resume: bool):
+    """Common start of `train` and `prune`: process group, output folder, device, seeds, loaders."""
     rank, world, _ = init_distributed()
     out_dir = Path(out)
     _check_out(out_dir, resume)
     device = resolve_device(train.device)
     _seed(train.seed)
-    train_loader, test_loader, info = build_loaders(data, seed=train.seed, rank=rank, world_size=world,
-                                                    pin_memory=device.type == "cuda")
+    loaders = build_loaders(data, seed=train.seed, rank=rank, world_size=world, pin_memory=device.type == "cuda")
+    return rank, world, out_dir, device, loaders
+
+
+def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, optim: OptimConfig, *,
+              out: str, checkpoint: str = "", resume: bool = False) -> dict[str, Any]:
+    """Train a base model into ``out`` (``last.pt``, ``log.csv``, ``summary.json``, ``history.png``)."""
+    rank, world, out_dir, device, (train_loader, test_loader, info) = _start_run(data, train, out, resume)
     model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
     if checkpoint:
         load_weights(model, checkpoint)
@@ -209,13 +213,7 @@ def _export_deploy(rr, verify: torch.Tensor, out_dir: Path, formats: Sequence[st
 def run_prune(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, rr_cfg: ResRepConfig, *,
               checkpoint: str, out: str, resume: bool = False, formats: Sequence[str] = FORMATS) -> dict[str, Any]:
     """ResRep from ``checkpoint`` into ``out``: train with compactors, convert, verify, evaluate, export."""
-    rank, world, _ = init_distributed()
-    out_dir = Path(out)
-    _check_out(out_dir, resume)
-    device = resolve_device(train.device)
-    _seed(train.seed)
-    train_loader, test_loader, info = build_loaders(data, seed=train.seed, rank=rank, world_size=world,
-                                                    pin_memory=device.type == "cuda")
+    rank, world, out_dir, device, (train_loader, test_loader, info) = _start_run(data, train, out, resume)
     base, make = _resrep(model_cfg, rr_cfg, info, _example(test_loader), len(train_loader), device)
     load_weights(base, checkpoint)
     base_eval = evaluate(base.to(device), test_loader, device=device, amp=train.amp)

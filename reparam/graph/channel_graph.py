@@ -136,8 +136,9 @@ class ChannelGraph:
         param_space = np.fromiter((k[0].startswith("@") for k in s.keys), dtype=bool, count=len(s.keys))
         param_roots = np.zeros(len(self._root_size), dtype=bool)
         param_roots[self._space_root[param_space]] = True
+        node_space = np.fromiter((k[0][:1] not in ("@", "#") for k in s.keys), dtype=bool, count=len(s.keys))
         node_roots = np.zeros(len(self._root_size), dtype=bool)
-        node_roots[self._space_root[~param_space]] = True
+        node_roots[self._space_root[node_space]] = True
         elem_group_raw = raw_group[comp]
         has_param = np.zeros(n_raw, dtype=bool)
         has_param[elem_group_raw[param_roots[self._elem_root]]] = True
@@ -216,6 +217,8 @@ class ChannelGraph:
 
     def _member_of_space(self, sid: int, g: int) -> Member | None:
         key, out_i, dim = self._coupler.s.keys[sid]
+        if key.startswith("#"):
+            return None  # synthetic (see SpaceSet.poison_elements): no tensor to slice
         root = int(self._space_root[sid])
         lo, hi = self._base[root], self._base[root + 1]
         sel = np.nonzero(self._elem_group[lo:hi] == g)[0]

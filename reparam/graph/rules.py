@@ -245,10 +245,56 @@ def rule_pool(c: Coupler, node: Node) -> None:
 
 
 def rule_pad(c: Coupler, node: Node) -> None:
+    """F.pad(x, pad, mode, value). Along a dim padded by (b, a) in constant mode, output element
+    `b + k` is input element `k` (an index link, as for a concat of [b pad, x, a pad]); the pad
+    positions are channels of their own, holding `value`, and a negative amount crops input
+    elements. Surgery rewrites each amount to the kept pad positions (or kept cropped elements), so
+    a zero pad channel is removed by shrinking the pad. Fixed: every padded dim of a non-constant
+    mode (it copies input channels into the pad) or with a computed amount, and pad channels of a
+    non-zero `value` (removing a constant non-zero channel changes its consumers)."""
     x = node.args[0]
-    pad = list(_arg(node, 1, "pad"))
-    padded = {len(c.shape(x)) - 1 - k // 2 for k in range(len(pad)) if pad[k] != 0}
+    pad, mode, value = list(_arg(node, 1, "pad")), _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
+    xs, ys = c.shape(x), c.shape(node)
+    if len(pad) % 2 or len(pad) // 2 > len(xs) or len(xs) != len(ys):
+        raise Unsupported(f"pad {pad} for a rank-{len(xs)} input")
+    amounts = {len(xs) - 1 - k: (pad[2 * k], pad[2 * k + 1]) for k in range(len(pad) // 2)}
+    padded = {d: ba for d, ba in amounts.items() if ba != (0, 0)}
     c.union_all(x, node, node, skip=tuple(padded))
+    exact: dict[int, tuple[int, int]] = {}
+    for d, (b, a) in padded.items():
+        xd, yd = c.sp(x, d), c.sp(node, d)
+        if mode != "constant" or not all(isinstance(v, int) for v in (b, a)):
+            why = (f"F.pad mode {mode!r} at node '{node.name}' copies channels of dim {d} into its pad"
+                   if mode != "constant" else f"the pad amount along dim {d} at node '{node.name}' is computed")
+            c.s.poison_space(xd, why)
+            c.s.poison_space(yd, why)
+            continue
+        if xs[d] + b + a != ys[d]:
+            raise Unsupported(f"dim {d}: {xs[d]} padded by ({b}, {a}) is not {ys[d]}")
+        k = np.arange(max(0, -b), xs[d] - max(0, -a))
+        c.s.link(xd, k, yd, k + b)
+        if value is not None and not (isinstance(value, (int, float)) and value == 0):
+            pads = np.r_[np.arange(max(0, b)), np.arange(ys[d] - max(0, a), ys[d])]
+            c.s.poison_elements(yd, pads, f"F.pad at node '{node.name}' fills dim {d} with the constant "
+                                          f"{value!r}, which is not zero: its pad channels cannot be removed")
+        exact[d] = (b, a)
+    if not exact:
+        return
+    spaces = {d: (c.sp(x, d), c.sp(node, d)) for d in exact}
+
+    def fix(n: Node, kept: Kept) -> None:
+        new = list(pad)
+        for d, (b, a) in exact.items():
+            mi, mo = kept(spaces[d][0]), kept(spaces[d][1])
+            j = 2 * (len(xs) - 1 - d)
+            new[j] = int(mo[:b].sum()) if b >= 0 else -int(mi[:-b].sum())
+            new[j + 1] = int(mo[len(mo) - a:].sum()) if a >= 0 else -int(mi[len(mi) + a:].sum())
+        new = type(_arg(n, 1, "pad"))(new)
+        if len(n.args) > 1:
+            n.args = (n.args[0], new, *n.args[2:])
+        else:
+            n.kwargs = {**n.kwargs, "pad": new}
+    c.node_fixups[node.name] = fix
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Two kinds of coupling join them. An *identity union* says two spaces are the sam
 same order (elementwise ops, BN, permutes, ...) and is kept in a union-find over spaces. An
 *index link* says element `i[k]` of space `a` is the same channel as element `j[k]` of space `b`
 (concat offsets, slices, reshapes, grouped convs) and is resolved later, per element, by
-connected components. A space can be *poisoned* with the reason its size may not change.
+connected components. A space can be *poisoned* with the reason its size may not change; single
+elements are poisoned through a synthetic space (key `"#fixed"`) linked to them.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 
 from .errors import GraphTraceError
 
-SpaceKey = tuple[str, int, int]  # (tensor key, output index, dim); parameters use key "@<qualified name>"
+SpaceKey = tuple[str, int, int]  # (tensor key, output index, dim); parameters use key "@<qualified name>",
+                                 # synthetic spaces of `poison_elements` key "#fixed"
 
 
 class SpaceSet:
@@ -73,6 +75,16 @@ class SpaceSet:
     def poison_space(self, s: int, reason: str) -> None:
         if self.size[s] > 1:
             self.poison.setdefault(s, reason)
+
+    def poison_elements(self, s: int, idx: np.ndarray, reason: str) -> None:
+        """Elements `idx` of space `s` may not be removed (the rest of `s` may): they are linked to a
+        synthetic poisoned space, so exactly the logical channels holding them are fixed."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) == 0:
+            return
+        fixed = self.space(("#fixed", len(self.keys), 0), len(idx))
+        self.poison[fixed] = reason
+        self.link(fixed, np.arange(len(idx)), s, idx)
 
     def roots(self) -> np.ndarray:
         return np.fromiter((self.find(s) for s in range(len(self.keys))), dtype=np.int64, count=len(self.keys))

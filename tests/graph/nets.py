@@ -181,6 +181,24 @@ class TransformerNet(nn.Module):
         return self.head(x.mean(1))
 
 
+class PadShortcut(nn.Module):
+    """Option-A residual: a strided conv branch plus the subsampled input zero-padded along channels
+    (`pads` = zeros before / after; negative amounts crop), then a spatially padded head."""
+
+    def __init__(self, width: int = 4, pads: tuple[int, int] = (2, 2), spatial: tuple[int, ...] = (1, 0, 0, 1)):
+        super().__init__()
+        out = width + sum(pads)
+        self.pads, self.spatial = pads, spatial
+        self.stem = conv_bn(3, width)
+        self.a, self.b = conv_bn(width, out, 3, 2), conv_bn(out, out)
+        self.head = nn.Conv2d(out, 3, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = F.relu(self.b(F.relu(self.a(x))) + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, *self.pads)))
+        return self.head(F.pad(y, self.spatial)).mean((2, 3))
+
+
 TRICKY = {
     "cifar_resnet": (CifarResNet, (2, 3, 8, 8)),
     "concat_residual": (ConcatResidual, (2, 3, 6, 6)),
@@ -190,4 +208,5 @@ TRICKY = {
     "shared_conv": (SharedConv, (2, 3, 5, 5)),
     "flatten_linear": (FlattenLinear, (2, 3, 8, 8)),
     "transformer": (TransformerNet, (2, 3, 8, 8)),
+    "pad_shortcut": (PadShortcut, (2, 3, 6, 6)),
 }

@@ -21,7 +21,7 @@ def test_cifar_resnet_option_a_matches_published_layout(depth, params):
     n = (depth - 2) // 6
     names = set(m.state_dict())
     assert {"conv1.weight", "bn1.running_var", "linear.weight", "linear.bias",
-            f"layer3.{n - 1}.conv2.weight", f"layer2.0.bn1.weight"} <= names
+            f"layer3.{n - 1}.conv2.weight", "layer2.0.bn1.weight"} <= names
     assert not any("shortcut" in k for k in names)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
