@@ -10,6 +10,9 @@ Defaults follow the ResRep training recipe (ResNet-56 / CIFAR-10 operating point
   iterations, resolved from ``iters_per_epoch`` given to `ResRep`), then a global re-selection every
   ``mask_interval`` 200 iterations that masks at most ``begin_granularity`` 4 more channels per round
   until the MACs reach ``flops_target`` 0.471 of the original; no group goes below ``num_at_least`` 1;
+* ``mask_stop_iters`` None: masks are re-selected until the end, as in the published recipe. A short
+  run should stop re-selecting well before its end (e.g. at half of its iterations) so that the
+  rows masked last have time to decay before the conversion removes them;
 * conversion: masked compactor rows are expected to have decayed below ``threshold`` 1e-5.
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ class ResRepConfig:
     mask_interval: int = 200
     before_mask_iters: int | None = None
     before_mask_epochs: int = 5
+    mask_stop_iters: int | None = None
     begin_granularity: int = 4
     num_at_least: int = 1
     compactor_momentum: float = 0.99
@@ -63,6 +67,9 @@ class ResRepConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "before_mask_epochs" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.mask_stop_iters is not None and (
+                not isinstance(self.mask_stop_iters, int) or self.mask_stop_iters < 0):
+            raise ValueError(f"mask_stop_iters must be None or an integer >= 0, got {self.mask_stop_iters!r}")
         if self.before_mask_iters is not None and (
                 not isinstance(self.before_mask_iters, int) or self.before_mask_iters < 0):
             raise ValueError(f"before_mask_iters must be None or an integer >= 0, got {self.before_mask_iters!r}")
@@ -87,4 +94,6 @@ class ResRepConfig:
         """Whether a mask update runs after ``iteration``: ``iteration - start`` is a positive
         multiple of ``mask_interval``."""
         elapsed = iteration - self.mask_start(iters_per_epoch)
+        if self.mask_stop_iters is not None and iteration > self.mask_stop_iters:
+            return False
         return elapsed > 0 and elapsed % self.mask_interval == 0

@@ -135,6 +135,10 @@ def test_config_schedule_and_validation():
     assert cfg.mask_start(iters_per_epoch=781) == 3905
     assert [i for i in range(3900, 4400) if cfg.is_mask_update(i, 781)] == [4105, 4305]
     assert not ResRepConfig(before_mask_iters=0, mask_interval=5).is_mask_update(0, None)
+    stopped = ResRepConfig(before_mask_iters=10, mask_interval=5, mask_stop_iters=25)
+    assert [i for i in range(60) if stopped.is_mask_update(i, None)] == [15, 20, 25]
+    with pytest.raises(ValueError, match="mask_stop_iters"):
+        ResRepConfig(mask_stop_iters=-1)
     with pytest.raises(ValueError, match="iters_per_epoch"):
         cfg.mask_start(None)
     for bad in (0.0, 1.0, 1.5, -0.1):
