@@ -103,7 +103,7 @@ def _worker(tool: str, name: str, threads: int, queue: mp.Queue) -> None:
 
 
 def run(tool: str, name: str, threads: int, timeout: float) -> dict:
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after OpenMP start-up can deadlock the child
     queue = ctx.Queue()
     proc = ctx.Process(target=_worker, args=(tool, name, threads, queue))
     proc.start()
