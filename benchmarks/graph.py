@@ -14,16 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import statistics
 import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
+
+from common import machine_meta, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "graph.json"
 
@@ -164,17 +164,7 @@ def _summary(rows: list[dict]) -> dict:
 
 def _write(args: argparse.Namespace, rows: list[dict]) -> dict:
     summary = _summary(rows)
-    meta = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": args.threads,
-            "machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__}
-    try:
-        from importlib.metadata import version
-        meta["torch_pruning"] = version("torch-pruning")
-    except Exception:
-        meta["torch_pruning"] = None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, {"meta": machine_meta(threads=args.threads), "summary": summary, "rows": rows})
     return summary
 
 if __name__ == "__main__":

@@ -11,10 +11,7 @@ network *is* a plain network). Prints a table and writes `benchmarks/results/ops
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +19,8 @@ import torch
 
 from reparam.demo import calibrate, dbb_resnet, latencies, parameter_count, repvgg_net
 from reparam.merge import merge
+
+from common import machine_meta, print_table, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ops.json"
 
@@ -64,15 +63,6 @@ def bench_network(name: str, size: int, batches: tuple[int, ...], repeats: int, 
     return result
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="input height and width")
@@ -90,20 +80,14 @@ def main() -> None:
          f"{t['speedup_train_over_merged']:.2f}x", f"{t['ratio_merged_over_plain']:.3f}"]
         for r in results for b, t in r["latency_s"].items()
     ]
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
     print(f"CPU latency, {args.size}x{args.size} input, float32, {torch.get_num_threads()} threads, "
           "median over interleaved rounds (one forward of each form per round)")
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
-    print()
+    print_table(header, rows)
     for r in results:
         p = r["params"]
         print(f"{r['network']}: merge {r['merge_s']:.2f} s ({r['blocks_merged']} blocks, {r['bn_folded']} BN folded), "
               f"max rel error {r['max_rel_error']:.1e}, params {p['train']:,} -> {p['merged']:,} (plain {p['plain']:,})")
-    write_json(RESULTS, {
-        "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "repeats": args.repeats, "results": results,
-    })
+    write_json(RESULTS, {"meta": machine_meta(repeats=args.repeats), "results": results})
     print(f"wrote {RESULTS}")
 
 

@@ -132,7 +132,8 @@ class ResRep:
         self.model = copy.deepcopy(model)
         device = next(self.model.parameters()).device
         self.example_inputs: tuple[Tensor, ...] = tuple(x.to(device) for x in as_tuple(example_inputs))
-        self.graph = trace(self.model, self.example_inputs, leaf_modules=tuple(leaf_modules))
+        self.graph = trace(self.model, self.example_inputs, leaf_modules=tuple(leaf_modules),
+                           round_to=self.config.round_to)
         reasons = {g.id: self._skip_reason(g) for g in self.graph.groups}
         reasons.update(self._surgery_failures([g for g in self.graph.groups if reasons[g.id] is None]))
         self.groups: list[ChannelGroup] = [g for g in self.graph.groups if reasons[g.id] is None]

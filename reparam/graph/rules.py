@@ -218,6 +218,19 @@ def rule_unary(c: Coupler, node: Node) -> None:
     c.union_all(x, node, node)
 
 
+def rule_prelu_module(c: Coupler, node: Node) -> None:
+    """nn.PReLU: elementwise; with one slope per channel (``num_parameters = C``) the slopes are
+    channels of dim 1 and shrink with them."""
+    rule_unary(c, node)
+    weight = c.param(f"{node.target}.weight")
+    if c.s.size[weight[0]] > 1:
+        c.union(c.sp(node, 1), weight[0], node)
+
+        def fix(m: nn.Module, kept: Kept) -> None:
+            m.num_parameters = m.weight.shape[0]
+        c.module_fixups[node.target] = fix
+
+
 def rule_broadcast(c: Coupler, node: Node) -> None:
     """Elementwise n-ary op with numpy broadcasting: dims aligned from the right with equal size are
     the same channels; a size-1 dim broadcasts and couples nothing."""
@@ -787,9 +800,27 @@ def rule_patch_merging_pad(c: Coupler, node: Node) -> None:
     c.s.link(c.sp(node, -1), k, c.sp(x, -1), k % ch)
 
 
+def rule_pad_module(c: Coupler, node: Node) -> None:
+    """nn.ZeroPad/ConstantPad/ReflectionPad/ReplicationPad/CircularPad: pads the trailing dims by the
+    module's fixed ``padding``. Unpadded dims pass through; a padded dim keeps its size fixed (the
+    module's amounts are not rewritten), which never touches a channel dim of batched input."""
+    x = _first_tensor(c, node)
+    pad = c.modules[node.target].padding
+    xs = c.shape(x)
+    padded = tuple(len(xs) - 1 - k for k in range(len(pad) // 2) if (pad[2 * k], pad[2 * k + 1]) != (0, 0))
+    c.union_all(x, node, node, skip=padded)
+    for d in padded:
+        why = f"{type(c.modules[node.target]).__name__} '{node.target}' pads dim {d} by a fixed amount"
+        c.s.poison_space(c.sp(x, d), why)
+        c.s.poison_space(c.sp(node, d), why)
+
+
 # ---------------------------------------------------------------------------------------------
+_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
 _UNARY_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-                  nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU, nn.Softmax, nn.LogSoftmax, nn.Identity,
+                  nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax, nn.LogSoftmax, nn.Identity,
                   nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Hardtanh,
                   nn.Softplus, nn.Softsign, nn.LocalResponseNorm)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -800,6 +831,8 @@ _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgP
 MODULE_RULES: dict[type, Callable[[Coupler, Node], None]] = {
     **{t: rule_unary for t in _UNARY_MODULES},
     **{t: rule_pool for t in _POOL_MODULES},
+    **{t: rule_pad_module for t in _PAD_MODULES},
+    nn.PReLU: rule_prelu_module,
     nn.Conv1d: rule_conv_module, nn.Conv2d: rule_conv_module, nn.Conv3d: rule_conv_module,
     nn.ConvTranspose1d: rule_conv_module, nn.ConvTranspose2d: rule_conv_module, nn.ConvTranspose3d: rule_conv_module,
     nn.Linear: rule_linear_module,

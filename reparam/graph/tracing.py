@@ -31,6 +31,34 @@ class _LeafTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._attr_names: tuple[dict[int, str], dict[int, str]] | None = None
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """fx's lookup, with the tensor → qualified-name search done once per trace through a table.
+
+        fx scans every named parameter (or buffer) of the root on each attribute access, which is
+        quadratic for models that read many tensors as attributes in `forward` (Swin V2: ~0.5 s)."""
+        if self.param_shapes_constant or not isinstance(attr_val, torch.Tensor):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if self._attr_names is None:
+            params, buffers = {}, {}
+            for name, p in self.root.named_parameters():
+                params.setdefault(id(p), name)
+            for name, b in self.root.named_buffers():
+                buffers.setdefault(id(b), name)
+            self._attr_names = params, buffers
+        params, buffers = self._attr_names
+        name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         self.module_stack_names.append(self.path_of_module(m))
         out = super().call_module(m, forward, args, kwargs)

@@ -170,3 +170,27 @@ def test_computed_channel_pad_is_fixed():
     g = trace(Computed().eval(), torch.randn(1, 3, 4, 4))
     gr = g.group_of("a.0")
     assert not gr.prunable and "is computed" in gr.reason
+
+
+@pytest.mark.parametrize("pad", [nn.ZeroPad2d((1, 0, 2, 1)), nn.ReflectionPad2d(1), nn.ReplicationPad2d((0, 1, 1, 0)),
+                                 nn.ConstantPad2d((1, 1, 0, 2), 0.0), nn.CircularPad2d(1)])
+def test_pad_modules_pass_channels_and_prune_exactly(pad):
+    """A pad module on the spatial dims leaves the channels coupled conv → pad → PReLU(C) → conv, and
+    pruning zeroed channels through it (PReLU slopes shrink with them) is exact."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_bn(3, 6), pad, nn.PReLU(6), nn.Conv2d(6, 4, 3, padding=0)).double().eval()
+    randomize_bn(model, gen)
+    with torch.no_grad():
+        model[2].weight.uniform_(-1, 1, generator=gen)
+    x = torch.randn(2, 3, 7, 7, generator=gen, dtype=torch.float64)
+    g = trace(model, x)
+    group = g.group_of("0.0")
+    assert group.prunable and group.size == 6
+    assert "2.weight" in {m.name for m in group.members}
+    keep = zero_channels(model, g, np.random.default_rng(0))
+    y = model(x)
+    small = prune(model, x, keep, graph=g)
+    assert small.get_submodule("2").weight.shape[0] == len(keep[group.id]) < 6
+    assert small.get_submodule("2").num_parameters == len(keep[group.id])
+    assert max_rel_err(small(x), y) <= 1e-10

@@ -118,6 +118,22 @@ def test_schedule_grows_by_granularity_until_the_target_then_holds():
     assert history[4][0] > 0 and history[-1][1] <= target
 
 
+def test_round_to_keeps_every_width_a_multiple_and_converts():
+    torch.manual_seed(0)
+    rr = ResRep(DigitsResNet(width=16).double(), X, ResRepConfig(flops_target=0.5, begin_granularity=10**6, round_to=8))
+    assert {g.multiple for g in rr.groups} == {8}
+    with torch.no_grad():
+        for _, compactor in rr.compactors():
+            compactor.weight.mul_(torch.rand(compactor.weight.shape[0], 1, 1, 1) + 0.5)
+    rr.update_masks()
+    widths = rr.group_widths()
+    assert rr.macs() <= 0.5 * rr.base_macs and all(w % 8 == 0 and w > 0 for w in widths.values())
+    with pytest.warns(RuntimeWarning, match="had not decayed"):
+        deploy, report = rr.convert()
+    assert report.max_rel_error <= 1e-10
+    assert all(report.widths_after[site.module] % 8 == 0 for site in rr.sites)
+
+
 def test_masks_are_recomputed_from_all_ones():
     """A channel masked earlier comes back when its rows are now among the strongest (no stale masks)."""
     rr = ResRep(digits_net(), X, ResRepConfig(flops_target=0.9, before_mask_iters=0, begin_granularity=4))

@@ -1,0 +1,45 @@
+"""Helpers shared by the benchmark scripts: atomic JSON results, plain-text tables, run metadata."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically (temp file + rename), so an interrupted run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def print_table(header: list[str], rows: list[list[Any]]) -> None:
+    """Right-aligned columns with a rule under the header, then a blank line."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
+    print()
+
+
+def machine_meta(**extra: Any) -> dict[str, Any]:
+    """Date, machine, thread count and package versions to store beside every result."""
+    meta: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+        "machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    for package in ("torch", "torchvision", "numpy", "torch-pruning"):
+        try:
+            meta[package] = version(package)
+        except PackageNotFoundError:
+            meta[package] = None
+    return {**meta, **extra}
