@@ -27,7 +27,7 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,7 @@ def _resrep(model_cfg: ModelConfig, rr_cfg: ResRepConfig, info: DataInfo, exampl
 
 def _export_deploy(rr, verify: torch.Tensor, out_dir: Path, formats: Sequence[str], extra: dict[str, Any]):
     deploy, report = rr.convert(verify)
+    extra = {**extra, "plan": deploy.meta["reparam.plan"].to_json()}  # rebuilds it exactly (`deploy_shell`)
     results = export_model(deploy, verify, out_dir, name="deploy", formats=formats,
                            tolerance=max(report.tolerance, 1e-5), extra=extra)
     return deploy, report, results
@@ -254,6 +255,25 @@ def run_prune(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, rr_c
     return summary
 
 
+def _require_prune_checkpoint(obj: Any, source: str) -> None:
+    if not (isinstance(obj, Mapping) and obj.get("meta", {}).get("command") == "prune"):
+        raise CheckpointError(f"{source} is not a prune run's checkpoint (OUT/last.pt of `resrep prune`)")
+
+
+def restore_resrep(checkpoint: Mapping[str, Any], model_cfg: ModelConfig, info: DataInfo, example: torch.Tensor,
+                   source: str = "checkpoint"):
+    """The `ResRep` of a prune run's checkpoint (``OUT/last.pt``, already loaded): the model rebuilt,
+    compactors and masks restored, ready for ``convert()``. CheckpointError for any other file."""
+    from .method import ResRep
+
+    _require_prune_checkpoint(checkpoint, source)
+    model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
+    rr = ResRep(model, example, ResRepConfig(**checkpoint["meta"]["resrep"]))
+    load_state_dict_checked(rr.model, checkpoint["model"], source)
+    rr.load_state_dict(checkpoint["hooks"])
+    return rr
+
+
 def run_eval(data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, device: str = "auto") -> dict[str, Any]:
     """Accuracy of any checkpoint this app writes or reads (see the module docstring)."""
     dev = resolve_device(device)
@@ -272,15 +292,11 @@ def run_eval(data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, devic
     obj = load_file(path)
     model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
     if isinstance(obj, dict) and obj.get("meta", {}).get("command") == "prune":
-        from .method import ResRep
-
-        rr = ResRep(model, _example(test_loader), ResRepConfig(**obj["meta"]["resrep"]))
-        load_state_dict_checked(rr.model, obj["model"], f"checkpoint {path}")
-        rr.load_state_dict(obj["hooks"])
+        rr = restore_resrep(obj, model_cfg, info, _example(test_loader), f"checkpoint {path}")
         deploy, _ = rr.convert(next(iter(test_loader))[0][:64])
         return {"checkpoint": str(path), "masked_macs": rr.macs(), **evaluate(deploy.to(dev), test_loader, device=dev)}
     if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:  # a converted deploy.pt
-        model = deploy_shell(model, unwrap_state_dict(obj))
+        model = deploy_shell(model, unwrap_state_dict(obj), plan=obj.get("plan"))
     else:
         load_weights(model, path)
     return {"checkpoint": str(path), **evaluate(model.to(dev), test_loader, device=dev)}
@@ -289,16 +305,10 @@ def run_eval(data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, devic
 def run_export(data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, out: str,
                formats: Sequence[str] = FORMATS) -> dict[str, Any]:
     """Convert a prune run's ``last.pt`` (masks + compactors) and export the narrow model into ``out``."""
-    from .method import ResRep
-
     obj = load_file(checkpoint)
-    if not (isinstance(obj, dict) and obj.get("meta", {}).get("command") == "prune"):
-        raise CheckpointError(f"{checkpoint} is not a prune run's checkpoint (OUT/last.pt of `resrep prune`)")
+    _require_prune_checkpoint(obj, checkpoint)
     _, test_loader, info = build_loaders(data)
-    model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
-    rr = ResRep(model, _example(test_loader), ResRepConfig(**obj["meta"]["resrep"]))
-    load_state_dict_checked(rr.model, obj["model"], f"checkpoint {checkpoint}")
-    rr.load_state_dict(obj["hooks"])
+    rr = restore_resrep(obj, model_cfg, info, _example(test_loader), f"checkpoint {checkpoint}")
     verify = next(iter(test_loader))[0][:64]
     extra = {"arch": dataclasses.asdict(model_cfg), "info": _info_meta(info)}
     _, report, results = _export_deploy(rr, verify, Path(out), formats, extra)

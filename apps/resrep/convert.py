@@ -37,7 +37,7 @@ from reparam.ops.geometry import ConvGeometry
 if TYPE_CHECKING:
     from .method import ResRep
 
-__all__ = ["ConversionError", "ConversionReport", "convert", "max_relative_error"]
+__all__ = ["ConversionError", "ConversionReport", "convert", "max_relative_error", "biased_like"]
 
 
 class ConversionError(ValueError):
@@ -108,13 +108,17 @@ def _foldable(layer: nn.Module) -> bool:
     return type(layer) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def biased_like(layer: nn.Module) -> nn.Module:
+    """A fresh conv/linear with ``layer``'s geometry, size, device and dtype, and a bias."""
+    kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.in_features, layer.out_features, bias=True, **kw)
+    return ConvGeometry.from_module(layer).to_module(layer.in_channels, layer.out_channels, True, **kw)
+
+
 def _plain_layer(layer: nn.Module, kernel: Tensor, bias: Tensor) -> nn.Module:
     """A fresh biased conv/linear with ``layer``'s geometry holding ``kernel`` and ``bias``."""
-    kw = dict(device=kernel.device, dtype=kernel.dtype)
-    if isinstance(layer, nn.Linear):
-        new: nn.Module = nn.Linear(kernel.shape[1], kernel.shape[0], bias=True, **kw)
-    else:
-        new = ConvGeometry.from_module(layer).to_module(layer.in_channels, layer.out_channels, True, **kw)
+    new = biased_like(layer).to(dtype=kernel.dtype, device=kernel.device)
     with torch.no_grad():
         new.weight.copy_(kernel)
         new.bias.copy_(bias)

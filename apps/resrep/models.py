@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reparam.graph import PrunePlan, apply_plan
+
 from .checkpoint import CheckpointError, load_file
+from .convert import biased_like
 
 __all__ = [
     "ModelConfig", "ModelError", "CifarResNet", "DigitsResNet", "build_model", "load_weights",
@@ -238,13 +241,16 @@ def _resized(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str) -> 
     raise ModelError(f"{prefix[:-1]}: cannot resize a {type(module).__name__} to the saved shapes")
 
 
-def deploy_shell(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+def deploy_shell(model: nn.Module, state_dict: Mapping[str, torch.Tensor], plan: str | None = None) -> nn.Module:
     """`model` (built by `build_model`) reshaped to hold a converted state_dict, then loaded with it.
 
     A converted ResRep network keeps the original module names; its convs/linears are narrower and
-    biased, and its BatchNorms are gone. So: every conv/linear/BN whose saved shapes differ is rebuilt
-    at those shapes, every BN without saved entries becomes `nn.Identity`. The result is checked by
-    `load_state_dict_checked`.
+    biased, and its BatchNorms are gone. With the conversion's channel ``plan`` (the JSON that
+    `apps.resrep` stores in ``deploy.pt``): every BN without saved entries becomes `nn.Identity`, every
+    conv/linear with a saved bias gets one, and `reparam.graph.apply_plan` redoes the surgery, which
+    also rewrites sizes in the forward code (e.g. option-A shortcut pads). Without a plan (files of
+    other tools): every conv/linear/BN whose saved shapes differ is rebuilt at those shapes, which is
+    right only when no size is written in the forward code. Checked by `load_state_dict_checked`.
     """
     shell = model
     for name, module in list(shell.named_modules()):
@@ -256,6 +262,10 @@ def deploy_shell(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn
             replacement: nn.Module = nn.Identity()
         elif prefix + "weight" not in state_dict:
             continue
+        elif plan is not None:
+            if prefix + "bias" not in state_dict or module.bias is not None:
+                continue
+            replacement = biased_like(module)
         else:
             own = dict(module.named_parameters(recurse=False))
             same = state_dict[prefix + "weight"].shape == own["weight"].shape and \
@@ -265,4 +275,6 @@ def deploy_shell(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn
             replacement = _resized(module, state_dict, prefix)
         parent, _, attr = name.rpartition(".")
         setattr(shell.get_submodule(parent) if parent else shell, attr, replacement)
+    if plan is not None:
+        shell = apply_plan(shell, PrunePlan.from_json(plan), "the converted model's channel plan")
     return load_state_dict_checked(shell, state_dict, "converted state_dict")

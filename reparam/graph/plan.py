@@ -109,12 +109,11 @@ def save_pruned(model_pruned: nn.Module, path_or_dir: str | os.PathLike, plan: P
     return d
 
 
-def load_pruned(constructor_model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved pruned model from a freshly constructed original (`constructor_model`, which is
-    not modified) and the saved plan, then load the saved weights (`weights_only=True`)."""
+def apply_plan(constructor_model: nn.Module, plan: PrunePlan, source: str = "the channel plan") -> nn.Module:
+    """Redo the surgery of every stage of ``plan`` on a freshly constructed original (not modified);
+    the weights are the constructor's, to be replaced by the saved ones. A plan made for another
+    architecture is refused (its group fingerprints do not match)."""
     from .surgery import prune
-    d = Path(path)
-    plan = PrunePlan.from_json((d / PLAN_FILE).read_text())
     ref = next(iter(constructor_model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     inputs = tuple(torch.zeros(s, dtype=getattr(torch, dt), device=device)
@@ -123,9 +122,18 @@ def load_pruned(constructor_model: nn.Module, path: str | os.PathLike) -> nn.Mod
     for i, stage in enumerate(plan.stages):
         graph = trace(model, inputs, leaf_modules=_leaf_specs(plan.leaf_modules), round_to=plan.round_to)
         if fingerprint(graph) != stage.fingerprint:
-            raise PruneError(f"the channel plan in {d} (stage {i}) was made for a different architecture: "
+            raise PruneError(f"{source} (stage {i}) was made for a different architecture: "
                              f"its channel groups do not match this model's")
         model = prune(model, inputs, stage.keep, graph=graph)
+    return model
+
+
+def load_pruned(constructor_model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild a saved pruned model from a freshly constructed original (`constructor_model`, which is
+    not modified) and the saved plan, then load the saved weights (`weights_only=True`)."""
+    d = Path(path)
+    model = apply_plan(constructor_model, PrunePlan.from_json((d / PLAN_FILE).read_text()), f"the channel plan in {d}")
+    device = next(iter(model.parameters()), torch.empty(0)).device
     state = torch.load(d / WEIGHTS_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state, strict=True)
     return model

@@ -138,3 +138,24 @@ def test_published_resnet20_accuracy_on_jpeg_test_images(shared_data):
                                            root=str(shared_data / "cifar10-jpeg" / "cifar10_jpegbytes.npz")))
     acc = evaluate(model, torch.utils.data.DataLoader(test, batch_size=100), device=torch.device("cpu"))["acc"]
     assert 72.0 <= acc <= 90.0
+
+
+def test_deploy_shell_with_the_plan_rebuilds_option_a_exactly():
+    """Residual-mode pruning of an option-A ResNet narrows the shortcut pads inside `forward`; the
+    plan stored beside the weights redoes that surgery, shapes alone cannot."""
+    from apps.resrep import ResRep, ResRepConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    rr = ResRep(CifarResNet(20, shortcut="A").double(), x, ResRepConfig(flops_target=0.5, begin_granularity=10**6))
+    with torch.no_grad():
+        for _, compactor in rr.compactors():
+            compactor.weight.mul_(torch.rand(compactor.weight.shape[0], 1, 1, 1, dtype=torch.float64) + 0.5)
+    rr.update_masks()
+    with pytest.warns(RuntimeWarning, match="had not decayed"):
+        deploy, _ = rr.convert()
+    sd = {k: v.clone() for k, v in deploy.state_dict().items()}
+    shell = deploy_shell(CifarResNet(20, shortcut="A").double(), sd, plan=deploy.meta["reparam.plan"].to_json())
+    assert torch.equal(shell(x), deploy(x))
+    with pytest.raises(RuntimeError):  # without the plan the pads keep their original amounts
+        deploy_shell(CifarResNet(20, shortcut="A").double(), sd)(x)
