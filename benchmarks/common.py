@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import tempfile
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -31,9 +32,12 @@ def print_table(header: list[str], rows: list[list[Any]]) -> None:
 
 
 def machine_meta(**extra: Any) -> dict[str, Any]:
-    """Date, machine, thread count and package versions to store beside every result."""
+    """Date, machine, thread count, package versions and the repository commit to store beside every result."""
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                         capture_output=True, text=True, check=False).stdout.strip() or None
     meta: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reparam_commit": git,
+        "python": platform.python_version(),
         "machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
     }

@@ -43,11 +43,9 @@ import csv
 import dataclasses
 import datetime
 import fcntl
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -71,6 +69,8 @@ from apps.resrep.models import (ModelConfig, build_model, deploy_shell, load_sta
 from apps.resrep.selection import select_masks
 from reparam.demo import latencies
 from reparam.graph import ChannelGroup, load_pruned, prune, save_pruned, trace
+
+from common import machine_meta
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {"quick": "resnet20", "full": "resnet56"}
@@ -596,23 +596,6 @@ def plot_curve(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path:
     plt.close(fig)
 
 
-def environment() -> dict[str, Any]:
-    def version(name: str) -> str | None:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
-                         check=False).stdout.strip() or None
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": version("torchvision"), "torch_pruning": version("torch-pruning"),
-                         "numpy": np.__version__, "reparam": git}}
-
-
 # ----------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -668,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = args.results.resolve()
     payload = {"benchmark": "prune_cifar", "mode": args.mode, "arch": arch, "dataset": "CIFAR-10 (JPEG q75)",
                "epochs": args.epochs, "targets": args.targets, "train_limit": args.train_limit,
-               "test_limit": args.test_limit, **environment(),
+               "test_limit": args.test_limit, **machine_meta(),
                "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]), "base": {**base, **base_run}, "results": rows}
     atomic_write_text(json.dumps(payload, indent=2) + "\n", results / f"prune_cifar_{args.mode}.json")
     print(f"wrote {results / f'prune_cifar_{args.mode}.json'}")

@@ -23,6 +23,8 @@ SCRIPT = ROOT / "benchmarks" / "prune_cifar.py"
 
 
 def _load_script():
+    if str(SCRIPT.parent) not in sys.path:  # the script imports its sibling `common`, as when run directly
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("prune_cifar", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
