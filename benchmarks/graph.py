@@ -42,12 +42,16 @@ def make(name: str) -> tuple[nn.Module, torch.Tensor]:
     return torchvision.models.get_model(name, **kwargs).eval(), torch.randn(1, 3, size, size)
 
 
-def forward_seconds(model: nn.Module, x: torch.Tensor) -> float:
+def forward_seconds(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Median of `repeats` timed forward passes after one warm-up pass."""
+    times = []
     with torch.no_grad():
         model(x)
-        start = time.perf_counter()
-        model(x)
-    return time.perf_counter() - start
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def run_reparam(model: nn.Module, x: torch.Tensor, out: dict) -> None:
@@ -89,10 +93,16 @@ def run_torch_pruning(model: nn.Module, x: torch.Tensor, out: dict) -> None:
 TOOLS = {"reparam": run_reparam, "torch_pruning": run_torch_pruning}
 
 
+def _warm_up(tool: str) -> None:
+    """Pay first-call costs (lazy imports, caches) on a small network, outside the timed builds."""
+    TOOLS[tool](torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32), {})
+
+
 def _worker(tool: str, name: str, threads: int, queue: mp.Queue) -> None:
     torch.set_num_threads(threads)
     out: dict = {"ok": False}
     try:
+        _warm_up(tool)
         model, x = make(name)
         out.update(forward_s=forward_seconds(model, x), input=list(x.shape))
         TOOLS[tool](model, x, out)
@@ -127,9 +137,6 @@ def main() -> None:
     args = ap.parse_args()
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     torch.set_num_threads(args.threads)
-    warm_model, warm_x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)
-    for tool in TOOLS.values():   # first-call costs (lazy imports, caches) are paid here, before forking
-        tool(warm_model, warm_x, {})
     rows = []
     print(f"{'model':22s} {'fwd s':>7s} {'reparam s':>10s} {'ok':>3s} {'TP s':>8s} {'ok':>3s} {'ratio':>6s}  budget")
     for name in names:
