@@ -10,7 +10,7 @@ For each CIFAR ResNet (option-A shortcuts, 32x32 input):
 2. **Pruned latency** — the base network (BN folded, eval) against a ResRep-converted network at
    the MACs target, batch 1 and 64, interleaved medians. ``speedup`` = base time / pruned time;
    ``speedup / MACs ratio`` is the ratio of ratios (1.0: latency falls exactly as the MACs do). The
-   pruned widths come from a converted run (``--deploy ARCH=path/deploy.pt`` from `apps.resrep`), or
+   pruned widths come from a run (``--deploy ARCH=PATH``: `apps.resrep prune`'s deploy.pt or last.pt), or
    by default from one selection round on seeded random compactor scores.
 3. **Conversion and graph building** — `ResRep.convert()` (BN folding, compactor merge, surgery,
    verification) and `reparam.graph.trace` (torch.fx trace + shape propagation + channel groups).
@@ -18,7 +18,7 @@ For each CIFAR ResNet (option-A shortcuts, 32x32 input):
 Prints a table and writes `benchmarks/results/speed.json`.
 
     python benchmarks/speed.py [--archs resnet20 resnet56] [--threads 2] [--seconds 10]
-                               [--deploy resnet20=benchmarks/runs/prune_cifar/resnet20/resrep-residual/deploy.pt]
+                               [--deploy resnet20=benchmarks/runs/prune_cifar/resnet20/resrep-residual/last.pt]
 """
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from apps.resrep import ResRep, ResRepConfig
+from apps.resrep.checkpoint import load_file
+from apps.resrep.cli import restore_resrep
+from apps.resrep.data import DataInfo
 from apps.resrep.models import ModelConfig, build_model, deploy_shell
 from reparam.demo import latencies
 from reparam.graph import trace
@@ -138,12 +141,17 @@ def latency(arch: str, target: float, deploy_path: str | None, seconds: float, r
     example = torch.randn(2, 3, 32, 32)
     base = merge(_base(arch).eval(), example)
     if deploy_path:
-        saved = torch.load(deploy_path, map_location="cpu", weights_only=True)
-        state = saved.get("state_dict", saved)
-        pruned, info = deploy_shell(_base(arch), state).eval(), {"source": deploy_path}
+        saved = load_file(Path(deploy_path))
+        if saved.get("meta", {}).get("command") == "prune":  # a prune run's last.pt: convert it here
+            rr = restore_resrep(saved, ModelConfig(arch=arch, shortcut="A"), DataInfo(10, 3, 32), example, deploy_path)
+            pruned = rr.convert()[0].eval()
+        else:  # a deploy.pt written by `apps.resrep` (with its channel plan)
+            pruned = deploy_shell(_base(arch), saved["state_dict"], plan=saved.get("plan")).eval()
+        info = {"source": deploy_path}
     else:
         pruned, info = _synthetic_deploy(arch, target, round_to)
-    macs = {"base": trace(base, example).macs(), "pruned": trace(pruned, example).macs()}
+    one = example[:1]  # MACs per image
+    macs = {"base": trace(base, one).macs(), "pruned": trace(pruned, one).macs()}
     out = {**info, "macs": macs, "macs_ratio": macs["base"] / macs["pruned"], "batches": {}}
     models = {"base": base, "pruned": pruned}
     with torch.no_grad():
@@ -175,7 +183,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="training batch size")
     parser.add_argument("--target", type=float, default=0.471, help="MACs kept by the synthetic pruned network")
     parser.add_argument("--deploy", nargs="*", default=[], metavar="ARCH=PATH",
-                        help="converted networks (apps.resrep deploy.pt) to time instead of the synthetic one")
+                        help="networks to time instead of the synthetic one: a prune run's deploy.pt or last.pt")
     parser.add_argument("--round-to", type=int, default=1, help="width multiple of the synthetic pruned network")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seconds", type=float, default=10.0, help="timing budget per measurement")
@@ -196,7 +204,7 @@ def main() -> None:
         for r in results for t in [r["train_step"]]])
     print_table(["arch", "batch", "base s", "pruned s", "speed-up", "MACs ratio", "speed-up / MACs ratio", "pruned from"], [
         [r["arch"], b, f"{v['base']:.5f}", f"{v['pruned']:.5f}", f"{v['speedup']:.2f}x", f"{r['latency']['macs_ratio']:.2f}x",
-         f"{v['speedup_over_macs_ratio']:.3f}", "run" if r["latency"]["source"].endswith(".pt") else "synthetic"]
+         f"{v['speedup_over_macs_ratio']:.3f}", "run" if r["latency"]["source"].endswith(".pt") else f"synthetic, round_to={args.round_to}"]
         for r in results for b, v in r["latency"]["batches"].items()])
     print_table(["arch", "trace + groups s", "forward s (batch 1)", "convert s", "convert max rel err"], [
         [r["arch"], f"{r['build']['trace_s']:.3f}", f"{r['build']['forward_s']:.4f}",
