@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 import reparam
-from apps.resrep.checkpoint import atomic_save, atomic_write_text, load_file
+from apps.resrep.checkpoint import atomic_save, load_file
 from apps.resrep.cli import restore_resrep
 from apps.resrep.data import DataConfig, DataInfo, build_loaders
 from apps.resrep.engine import CHECKPOINT_NAME, NonFiniteLossError, OptimConfig, evaluate, fit, resolve_device, sgd
@@ -70,7 +70,7 @@ from apps.resrep.selection import select_masks
 from reparam.demo import latencies
 from reparam.graph import ChannelGroup, load_pruned, prune, save_pruned, trace
 
-from common import machine_meta
+from common import machine_meta, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {"quick": "resnet20", "full": "resnet56"}
@@ -452,7 +452,7 @@ def run_worker(job: Job) -> int:
     accuracy = evaluate(model.to(ctx.device), ctx.test_loader, device=ctx.device)["acc"]
     summary = {"method": job.method, "arch": job.arch, "flops_target": job.target, "epochs": job.epochs,
                "pruned_accuracy": accuracy, "wall_time_s": time.perf_counter() - start, **extra}
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", Path(job.run_dir) / "summary.json")
+    write_json(Path(job.run_dir) / "summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
     return 0
 
@@ -653,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "epochs": args.epochs, "targets": args.targets, "train_limit": args.train_limit,
                "test_limit": args.test_limit, **machine_meta(),
                "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]), "base": {**base, **base_run}, "results": rows}
-    atomic_write_text(json.dumps(payload, indent=2) + "\n", results / f"prune_cifar_{args.mode}.json")
+    write_json(results / f"prune_cifar_{args.mode}.json", payload)
     print(f"wrote {results / f'prune_cifar_{args.mode}.json'}")
     if len(args.targets) > 1:
         plot_curve(base, rows, results / f"prune_cifar_{args.mode}_curve.png", title)
