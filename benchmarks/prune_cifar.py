@@ -27,11 +27,11 @@ The report counts MACs and parameters of every final model with one counter
 eval mode, no_grad, warm-up, median of rounds) at batch 1 and 64 on the CPU. Training time is the sum
 of the per-epoch training times in the runs' ``log.csv`` (kept across resumes; evaluation and export
 excluded); wall time is the last process's, from ``summary.json``. Results: a markdown table on stdout,
-``<results>/prune_cifar_<mode>.json`` and, with several targets, ``<results>/prune_cifar_<mode>_curve.png``.
+``<results>/prune_cifar_<mode>.json`` and, with more than one target, ``<results>/prune_cifar_<mode>_curve.png``.
 Accuracies are on CIFAR-10 (JPEG q75): compare drops and MACs reductions with papers, not absolute top-1.
 
     python benchmarks/prune_cifar.py --data ../shared/data [--mode quick|full] [--methods a,b,c,d]
-        [--targets 0.6,0.471,0.35] [--epochs 8] [--threads 2] [--train-limit N --test-limit N]
+        [--targets 0.471] [--curve-targets 0.6,0.35] [--epochs 8] [--threads 2] [--train-limit N --test-limit N]
 
 quick = CIFAR ResNet-20, full = ResNet-56 (option A). ``--train-limit/--test-limit`` keep the first N
 images (smoke runs); such runs go to folders suffixed ``-limit<N>x<M>`` so they never mix with real ones.
@@ -78,14 +78,19 @@ METHODS = {"a": "resrep-paper", "b": "resrep-residual", "c": "tp-groupnorm", "d"
 SCOPES = {"resrep-paper": "internal layers of blocks", "resrep-residual": "all prunable groups",
           "tp-groupnorm": "internal layers of blocks (TP cannot prune through option-A pads)",
           "l1-oneshot": "all prunable groups"}
+CURVE_METHODS = ("resrep-residual", "tp-groupnorm")  # (b) and (c): the accuracy-vs-MACs curve
 DEFAULT_TARGET = 0.471
 BATCH = 64
 BASE_EPOCHS, BASE_LR = 2, 0.01
 FINETUNE = OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4)  # (b)'s recipe, for (c) and (d)
-# ResRep schedule, written for 8 epochs of 782 iterations (6256): masks from the second epoch, a round every
-# 40 iterations masking at most 4 more channels, no re-selection after iteration 3500 so that the rows
-# masked last can decay before the conversion removes them; lasso 1e-3.
-RESREP_MASK_INTERVAL, RESREP_GRANULARITY, RESREP_LASSO, RESREP_STOP_FRACTION = 40, 4, 1e-3, (3500, 6256)
+# ResRep schedule, written for ResNet-20 over 8 epochs of 782 iterations (6256): masks from iteration 782
+# (1/8 of the run), a round every 40 iterations masking at most 4 more channels, no re-selection after
+# iteration 3500 (56% of the run) so that the rows masked last can decay before the conversion removes them;
+# lasso 1e-3. Other budgets keep the fractions and the number of rounds (68); deeper nets mask more channels
+# per round in proportion to their blocks per stage (ResNet-56: 12), see `resrep_schedule`.
+RESREP_START_FRACTION, RESREP_STOP_FRACTION, RESREP_ROUNDS = 1 / 8, 3500 / 6256, 68
+RESREP_GRANULARITY_PER_3_BLOCKS, RESREP_LASSO = 4, 1e-3
+BLOCKS_PER_STAGE = {"resnet20": 3, "resnet56": 9}
 # Torch-Pruning: reg 5e-4 as in TP's own CIFAR ResNet-56 scripts for its group-norm method with global
 # pruning (benchmarks/scripts/prune/cifar/group_pruner.sh: `--method group_norm --global-pruning --reg 5e-4`);
 # ratio 0.9 over 400 steps removes ~0.2% of the candidate channels per step, so the MACs walk to the target
@@ -174,13 +179,22 @@ def resrep_step(setup: Setup, mode: str, target: float) -> Step:
     """ResRep by the CLI with the schedule above, scaled to E epochs of this run's iterations."""
     method = f"resrep-{mode}"
     out = setup.run_dir(method, target)
-    iters = setup.iters_per_epoch()
-    stop = round(RESREP_STOP_FRACTION[0] * setup.epochs * iters / RESREP_STOP_FRACTION[1])
+    sched = resrep_schedule(setup.epochs * setup.iters_per_epoch(), BLOCKS_PER_STAGE[setup.arch])
     return Step(out.name, out, cli(
         setup, "prune", "--checkpoint", str(setup.base_dir / CHECKPOINT_NAME), "--epochs", str(setup.epochs),
-        "--lr", f"{FINETUNE.lr:g}", "--flops-target", f"{target:g}", "--before-mask-iters", str(iters),
-        "--mask-interval", str(RESREP_MASK_INTERVAL), "--begin-granularity", str(RESREP_GRANULARITY),
-        "--mask-stop-iters", str(stop), "--lasso-strength", f"{RESREP_LASSO:g}", "--mode", mode, "--out", str(out)))
+        "--lr", f"{FINETUNE.lr:g}", "--flops-target", f"{target:g}", "--before-mask-iters", str(sched["before"]),
+        "--mask-interval", str(sched["interval"]), "--begin-granularity", str(sched["granularity"]),
+        "--mask-stop-iters", str(sched["stop"]), "--lasso-strength", f"{RESREP_LASSO:g}", "--mode", mode,
+        "--out", str(out)))
+
+
+def resrep_schedule(total_iters: int, blocks_per_stage: int) -> dict[str, int]:
+    """The mask schedule for a run of `total_iters` iterations: first round at ``start·N``, last
+    re-selection at ``stop·N``, 68 rounds in between, each masking at most 4 channels per 3 blocks per
+    stage. ResNet-20 over 6256 iterations gives before 782, interval 40, granularity 4, stop 3500."""
+    before, stop = round(RESREP_START_FRACTION * total_iters), round(RESREP_STOP_FRACTION * total_iters)
+    return {"before": before, "stop": stop, "interval": max(1, round((stop - before) / RESREP_ROUNDS)),
+            "granularity": math.ceil(RESREP_GRANULARITY_PER_3_BLOCKS * blocks_per_stage / 3)}
 
 
 @dataclass(frozen=True)
@@ -581,7 +595,7 @@ def plot_curve(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("resrep-residual", "tp-groupnorm"):
+    for method in CURVE_METHODS:
         pts = sorted((r["macs_kept"], r["accuracy_after"]) for r in rows
                      if r["method"] == method and r["status"] == "done")
         if pts:
@@ -606,6 +620,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--methods", default="a,b,c,d", help="comma-separated letters or names: " +
                    ", ".join(f"{k}={v}" for k, v in METHODS.items()))
     p.add_argument("--targets", default=f"{DEFAULT_TARGET}", help="fractions of the MACs kept, comma separated")
+    p.add_argument("--curve-targets", default="", help="more targets for (b) and (c) only, for the accuracy-vs-MACs "
+                   "curve (e.g. 0.6,0.35)")
     p.add_argument("--epochs", type=int, default=8, help="epoch budget of every method")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "prune_cifar", help="run folders")
     p.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "cache", help="base models, by recipe")
@@ -621,8 +637,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         if unknown:
             raise ValueError(f"unknown methods {unknown}; use {METHODS}")
         args.targets = [float(t) for t in args.targets.split(",") if t]
-        if not all(0.0 < t < 1.0 for t in args.targets):
-            raise ValueError(f"targets must lie in (0, 1), got {args.targets}")
+        args.curve_targets = [float(t) for t in args.curve_targets.split(",") if t]
+        if not all(0.0 < t < 1.0 for t in args.targets + args.curve_targets):
+            raise ValueError(f"targets must lie in (0, 1), got {args.targets + args.curve_targets}")
         if args.epochs < 1:
             raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
         args.npz, args.published = find_inputs(args.data, ARCHS[args.mode])
@@ -644,18 +661,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_run = run_step(base_step(setup), env)
     if base_run["status"] != "done":
         raise SystemExit(f"error: the base fine-tuning failed: {base_run['error']} (see {setup.base_dir}.log)")
-    steps = [(m, t, run_step(method_step(setup, m, t), env)) for t in args.targets for m in args.methods]
+    runs = [(m, t) for t in args.targets for m in args.methods]
+    runs += [(m, t) for t in args.curve_targets for m in CURVE_METHODS if m in args.methods and (m, t) not in runs]
+    steps = [(m, t, run_step(method_step(setup, m, t), env)) for m, t in runs]
     base, rows = collect(setup, steps, args.repeats)
     title = f"{arch} (option A) on CIFAR-10 (JPEG q75), {args.epochs}-epoch budget per method"
     print(markdown(base, rows, title))
     results = args.results.resolve()
     payload = {"benchmark": "prune_cifar", "mode": args.mode, "arch": arch, "dataset": "CIFAR-10 (JPEG q75)",
-               "epochs": args.epochs, "targets": args.targets, "train_limit": args.train_limit,
+               "epochs": args.epochs, "targets": args.targets, "curve_targets": args.curve_targets,
+               "train_limit": args.train_limit,
                "test_limit": args.test_limit, **machine_meta(),
                "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]), "base": {**base, **base_run}, "results": rows}
     write_json(results / f"prune_cifar_{args.mode}.json", payload)
     print(f"wrote {results / f'prune_cifar_{args.mode}.json'}")
-    if len(args.targets) > 1:
+    if len({t for _, t in runs}) > 1:
         plot_curve(base, rows, results / f"prune_cifar_{args.mode}_curve.png", title)
         print(f"wrote {results / f'prune_cifar_{args.mode}_curve.png'}")
     return 0
