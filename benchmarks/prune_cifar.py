@@ -86,9 +86,10 @@ FINETUNE = OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4)  # (b)'s recipe
 # ResRep schedule, written for ResNet-20 over 8 epochs of 782 iterations (6256): masks from iteration 782
 # (1/8 of the run), a round every 40 iterations masking at most 4 more channels, no re-selection after
 # iteration 3500 (56% of the run) so that the rows masked last can decay before the conversion removes them;
-# lasso 1e-3. Other budgets keep the fractions and the number of rounds (68); deeper nets mask more channels
-# per round in proportion to their blocks per stage (ResNet-56: 12), see `resrep_schedule`.
-RESREP_START_FRACTION, RESREP_STOP_FRACTION, RESREP_ROUNDS = 1 / 8, 3500 / 6256, 68
+# lasso 1e-3. Other budgets keep the fractions, the number of rounds (68) and the total lasso pull (strength
+# x iterations: a masked row must still decay to ~0 before the conversion); deeper nets mask more channels per
+# round in proportion to their blocks per stage (ResNet-56: 12), see `resrep_schedule`.
+RESREP_START_FRACTION, RESREP_STOP_FRACTION, RESREP_ROUNDS, RESREP_ITERS = 1 / 8, 3500 / 6256, 68, 6256
 RESREP_GRANULARITY_PER_3_BLOCKS, RESREP_LASSO = 4, 1e-3
 BLOCKS_PER_STAGE = {"resnet20": 3, "resnet56": 9}
 # Torch-Pruning: reg 5e-4 as in TP's own CIFAR ResNet-56 scripts for its group-norm method with global
@@ -184,17 +185,19 @@ def resrep_step(setup: Setup, mode: str, target: float) -> Step:
         setup, "prune", "--checkpoint", str(setup.base_dir / CHECKPOINT_NAME), "--epochs", str(setup.epochs),
         "--lr", f"{FINETUNE.lr:g}", "--flops-target", f"{target:g}", "--before-mask-iters", str(sched["before"]),
         "--mask-interval", str(sched["interval"]), "--begin-granularity", str(sched["granularity"]),
-        "--mask-stop-iters", str(sched["stop"]), "--lasso-strength", f"{RESREP_LASSO:g}", "--mode", mode,
+        "--mask-stop-iters", str(sched["stop"]), "--lasso-strength", f"{sched['lasso']:g}", "--mode", mode,
         "--out", str(out)))
 
 
-def resrep_schedule(total_iters: int, blocks_per_stage: int) -> dict[str, int]:
-    """The mask schedule for a run of `total_iters` iterations: first round at ``start·N``, last
+def resrep_schedule(total_iters: int, blocks_per_stage: int) -> dict[str, Any]:
+    """The ResRep schedule for a run of N = `total_iters` iterations: first round at ``start·N``, last
     re-selection at ``stop·N``, 68 rounds in between, each masking at most 4 channels per 3 blocks per
-    stage. ResNet-20 over 6256 iterations gives before 782, interval 40, granularity 4, stop 3500."""
+    stage, lasso ``1e-3 · 6256 / N``. ResNet-20 over 6256 iterations gives before 782, interval 40,
+    granularity 4, stop 3500, lasso 1e-3."""
     before, stop = round(RESREP_START_FRACTION * total_iters), round(RESREP_STOP_FRACTION * total_iters)
     return {"before": before, "stop": stop, "interval": max(1, round((stop - before) / RESREP_ROUNDS)),
-            "granularity": math.ceil(RESREP_GRANULARITY_PER_3_BLOCKS * blocks_per_stage / 3)}
+            "granularity": math.ceil(RESREP_GRANULARITY_PER_3_BLOCKS * blocks_per_stage / 3),
+            "lasso": RESREP_LASSO * RESREP_ITERS / total_iters}
 
 
 @dataclass(frozen=True)

@@ -80,9 +80,10 @@ def test_l1_oneshot_meets_the_macs_target():
 def test_resrep_schedule_scales_with_the_budget_and_depth():
     schedule = _load_script().resrep_schedule
     # the schedule the ResNet-20 quick runs used: 8 epochs of 782 iterations
-    assert schedule(6256, 3) == {"before": 782, "stop": 3500, "interval": 40, "granularity": 4}
-    short = schedule(1564, 9)  # ResNet-56 over 2 epochs: same fractions, same number of rounds, 3x the channels
-    assert short == {"before": 196, "stop": 875, "interval": 10, "granularity": 12}
+    assert schedule(6256, 3) == {"before": 782, "stop": 3500, "interval": 40, "granularity": 4, "lasso": 1e-3}
+    # ResNet-56 over 2 epochs: same fractions, rounds and total lasso pull, 3x the channels per round
+    short = schedule(1564, 9)
+    assert short == {"before": 196, "stop": 875, "interval": 10, "granularity": 12, "lasso": pytest.approx(4e-3)}
     assert (short["stop"] - short["before"]) // short["interval"] >= 67
     assert schedule(10, 3)["interval"] == 1
 
