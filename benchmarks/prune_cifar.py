@@ -604,7 +604,8 @@ def plot_curve(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path:
         if pts:
             ax.plot(*zip(*pts), marker="o", label=method)
     ax.scatter([1.0], [base["accuracy"]], marker="*", s=120, color="k", label="base", zorder=3)
-    ax.set(xlabel="fraction of the base MACs kept", ylabel="top-1 (%)", title=title)
+    ax.set(xlabel="fraction of the base MACs kept", ylabel="top-1 (%)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
