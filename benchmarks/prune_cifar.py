@@ -573,10 +573,11 @@ def collect(setup: Setup, steps: Sequence[tuple[str, float, dict[str, Any]]], re
 
 def markdown(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], title: str) -> str:
     head = ["target", "method", "top-1 before", "top-1 after", "drop", "MACs (M)", "MACs red.", "params (K)",
-            "params red.", "ms b1", "ms b64", "speedup b1/b64", "epochs", "train min"]
+            "params red.", "ms b1", "ms b64", "speedup b1/b64", "epochs", "train min", "wall min"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              f"| 1.0 | base | {base['accuracy']:.2f} | | | {base['macs'] / 1e6:.2f} | | {base['params'] / 1e3:.1f} | | "
-             f"{base['latency_ms']['1']:.2f} | {base['latency_ms']['64']:.1f} | | | {base['train_time_s'] / 60:.1f} |"]
+             f"{base['latency_ms']['1']:.2f} | {base['latency_ms']['64']:.1f} | | | {base['train_time_s'] / 60:.1f} | "
+             f"{base['wall_time_s'] / 60:.1f} |"]
     for r in rows:
         if r["status"] != "done":
             lines.append(f"| {r['target']:g} | {r['method']} | failed: {r['error']} |" + " |" * (len(head) - 3))
@@ -586,7 +587,7 @@ def markdown(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], title: 
             f"{r['accuracy_drop']:.2f} | {r['macs'] / 1e6:.2f} | {100 * r['macs_reduction']:.1f}% | "
             f"{r['params'] / 1e3:.1f} | {100 * r['params_reduction']:.1f}% | {r['latency_ms']['1']:.2f} | "
             f"{r['latency_ms']['64']:.1f} | {r['speedup']['1']:.2f}x/{r['speedup']['64']:.2f}x | {r['epochs']} | "
-            f"{r['train_time_s'] / 60:.1f} |")
+            f"{r['train_time_s'] / 60:.1f} | {r['wall_time_s'] / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -674,9 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = args.results.resolve()
     payload = {"benchmark": "prune_cifar", "mode": args.mode, "arch": arch, "dataset": "CIFAR-10 (JPEG q75)",
                "epochs": args.epochs, "targets": args.targets, "curve_targets": args.curve_targets,
-               "train_limit": args.train_limit,
-               "test_limit": args.test_limit, **machine_meta(),
-               "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]), "base": {**base, **base_run}, "results": rows}
+               "train_limit": args.train_limit, "test_limit": args.test_limit, **machine_meta(),
+               "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]),
+               "base": {**base, **base_run}, "results": rows}
     write_json(results / f"prune_cifar_{args.mode}.json", payload)
     print(f"wrote {results / f'prune_cifar_{args.mode}.json'}")
     if len({t for _, t in runs}) > 1:
