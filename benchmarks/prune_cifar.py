@@ -91,7 +91,6 @@ FINETUNE = OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4)  # (b)'s recipe
 # round in proportion to their blocks per stage (ResNet-56: 12), see `resrep_schedule`.
 RESREP_START_FRACTION, RESREP_STOP_FRACTION, RESREP_ROUNDS, RESREP_ITERS = 1 / 8, 3500 / 6256, 68, 6256
 RESREP_GRANULARITY_PER_3_BLOCKS, RESREP_LASSO = 4, 1e-3
-BLOCKS_PER_STAGE = {"resnet20": 3, "resnet56": 9}
 # Torch-Pruning: reg 5e-4 as in TP's own CIFAR ResNet-56 scripts for its group-norm method with global
 # pruning (benchmarks/scripts/prune/cifar/group_pruner.sh: `--method group_norm --global-pruning --reg 5e-4`);
 # ratio 0.9 over 400 steps removes ~0.2% of the candidate channels per step, so the MACs walk to the target
@@ -180,7 +179,8 @@ def resrep_step(setup: Setup, mode: str, target: float) -> Step:
     """ResRep by the CLI with the schedule above, scaled to E epochs of this run's iterations."""
     method = f"resrep-{mode}"
     out = setup.run_dir(method, target)
-    sched = resrep_schedule(setup.epochs * setup.iters_per_epoch(), BLOCKS_PER_STAGE[setup.arch])
+    blocks_per_stage = len(build_model(model_config(setup.arch), num_classes=10).layer1)
+    sched = resrep_schedule(setup.epochs * setup.iters_per_epoch(), blocks_per_stage)
     return Step(out.name, out, cli(
         setup, "prune", "--checkpoint", str(setup.base_dir / CHECKPOINT_NAME), "--epochs", str(setup.epochs),
         "--lr", f"{FINETUNE.lr:g}", "--flops-target", f"{target:g}", "--before-mask-iters", str(sched["before"]),
