@@ -1,37 +1,47 @@
 """ResRep against peers on real CIFAR-10 (JPEG q75): top-1, MACs, params and CPU latency at equal budgets.
 
 Every method starts from the same base (the published option-A CIFAR ResNet fine-tuned with one fixed
-recipe), gets the same epoch budget E and the same MACs target T (the fraction of the original MACs
-kept; 0.471 is the ResRep paper's 52.9% reduction), and uses the same optimizer recipe (SGD, lr 0.02
-cosine to 0, momentum 0.9, weight decay 1e-4, batch 64, channels_last):
+recipe), gets the same budget of N = E epochs of iterations, the same data (batch 64, the same
+augmentation, the data order fixed by the seed), the same MACs target T (the fraction of the original
+MACs kept; 0.471 is the ResRep paper's 52.9% reduction) and the same optimizer (SGD, lr 0.02, momentum
+0.9, weight decay 1e-4, channels_last). **One fine-tuning rule for all:** the lr is constant while a
+method is still deciding its structure and, from the last mask change / the prune on, follows a cosine
+from 0.02 to 0 over the iterations left:
 
-  a  resrep-paper     ResRep (`apps.resrep prune --mode paper`): compactors on the internal layer of
-                      each block only, the paper's scope.
-  b  resrep-residual  ResRep (`--mode residual`, ours): compactors on every prunable group, residual
-                      streams through the option-A zero-padding included.
-  c  tp-groupnorm     Torch-Pruning 1.6.1 `GroupNormPruner`: group-norm sparse training for
-                      max(1, E//4) epochs, iterative global pruning until the MACs meet T, fine-tuning
-                      for the remaining epochs. Internal layers only, see `tp_ignored_layers`.
-  d  l1-oneshot       L1-norm filter ranking, normalised per group and ranked globally, one cut to T
-                      with `reparam.graph.prune`, fine-tuning for E epochs.
+  a  resrep-paper     ResRep (`apps.resrep prune --mode paper`, default recipe ``auto``): compactors on the
+                      internal layer of each block only, the paper's scope. At these budgets ``auto`` runs
+                      the budget recipe: masks front-loaded over the first 25% of N, frozen at 30%.
+  b  resrep-residual  The same with ``--mode residual`` (ours): compactors on every prunable group,
+                      residual streams through the option-A zero-padding included.
+  c  tp-groupnorm     Torch-Pruning 1.6.1 `GroupNormPruner`: group-norm sparse training for the same first
+                      30% of N, iterative global pruning until the MACs meet T, fine-tuning for the other
+                      70%. Internal layers only, see `tp_ignored_layers`.
+  d  l1-oneshot       L1-norm filter ranking, normalised per group and ranked globally, one cut to T with
+                      `reparam.graph.prune` at iteration 0, fine-tuning for all N iterations.
 
-Every step is a subprocess (the `apps.resrep` CLI for the base and for a/b, this script's ``--worker``
-mode for c/d) with its log in ``<run dir>.log``; a step is done when its folder holds ``summary.json``
-and is resumed from its atomic per-epoch checkpoint otherwise, so the benchmark can be killed and
-rerun at any time with nothing lost. A method that cannot reach a target (e.g. paper mode at a low
-target: "out of reach") is recorded with its error message instead of stopping the benchmark.
+Each (method, target) runs once per seed (``--seeds``, default 0,1,2); the report gives the mean and the
+spread (sample standard deviation) over the seeds. ``--ablation`` instead runs variants of (b) at the first
+target and seed, each with one component of the budget recipe switched off (`ABLATIONS`).
+
+Every run is a subprocess (the `apps.resrep` CLI for the base and for a/b, this script's ``--worker``
+mode for c/d) with its log in ``<run dir>.log``; a run is done when its folder holds ``summary.json``
+and is resumed from its atomic checkpoint otherwise, so the benchmark can be killed and rerun at any
+time with nothing lost; ``--jobs`` runs that many side by side (``--threads`` each). A method that
+cannot reach a target (e.g. paper mode at a low target: "out of reach") is recorded with its error
+message instead of stopping the benchmark.
 
 The report counts MACs and parameters of every final model with one counter
 (`reparam.graph.trace(...).macs()/params()`, per image) after folding every BatchNorm with
-`reparam.merge`, and times all of them and the base in one interleaved loop (`reparam.demo.latencies`:
-eval mode, no_grad, warm-up, median of rounds) at batch 1 and 64 on the CPU. Training time is the sum
-of the per-epoch training times in the runs' ``log.csv`` (kept across resumes; evaluation and export
-excluded); wall time is the last process's, from ``summary.json``. Results: a markdown table on stdout,
-``<results>/prune_cifar_<mode>.json`` and, with more than one target, ``<results>/prune_cifar_<mode>_curve.png``.
+`reparam.merge`, and times the first seed's models and the base in one interleaved loop
+(`reparam.demo.latencies`: eval mode, no_grad, warm-up, median of rounds) at batch 1 and 64 on the CPU.
+Training time is the sum of the per-epoch training times in the runs' ``log.csv`` (kept across resumes;
+evaluation and export excluded). Results: a markdown table on stdout, ``<results>/prune_cifar_<mode>_e<E>.json``
+(``..._ablation.json`` for the ablation) and, with more than one target, ``..._curve.png``.
 Accuracies are on CIFAR-10 (JPEG q75): compare drops and MACs reductions with papers, not absolute top-1.
 
     python benchmarks/prune_cifar.py --data ../shared/data [--mode quick|full] [--methods a,b,c,d]
-        [--targets 0.471] [--curve-targets 0.6,0.35] [--epochs 8] [--threads 2] [--train-limit N --test-limit N]
+        [--targets 0.471,0.35] [--epochs 1] [--seeds 0,1,2] [--jobs 2 --threads 1] [--ablation]
+        [--train-limit N --test-limit N]
 
 quick = CIFAR ResNet-20, full = ResNet-56 (option A). ``--train-limit/--test-limit`` keep the first N
 images (smoke runs); such runs go to folders suffixed ``-limit<N>x<M>`` so they never mix with real ones.
@@ -51,6 +61,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +73,7 @@ from torch import nn
 import reparam
 from apps.resrep.checkpoint import atomic_save, load_file
 from apps.resrep.cli import restore_resrep
+from apps.resrep.config import ResRepConfig
 from apps.resrep.data import DataConfig, DataInfo, build_loaders
 from apps.resrep.engine import CHECKPOINT_NAME, NonFiniteLossError, OptimConfig, evaluate, fit, resolve_device, sgd
 from apps.resrep.models import (ModelConfig, build_model, deploy_shell, load_state_dict_checked, load_weights,
@@ -78,30 +90,35 @@ METHODS = {"a": "resrep-paper", "b": "resrep-residual", "c": "tp-groupnorm", "d"
 SCOPES = {"resrep-paper": "internal layers of blocks", "resrep-residual": "all prunable groups",
           "tp-groupnorm": "internal layers of blocks (TP cannot prune through option-A pads)",
           "l1-oneshot": "all prunable groups"}
-CURVE_METHODS = ("resrep-residual", "tp-groupnorm")  # (b) and (c): the accuracy-vs-MACs curve
-DEFAULT_TARGET = 0.471
+DEFAULT_TARGETS = (0.471, 0.35)
 BATCH = 64
 BASE_EPOCHS, BASE_LR = 2, 0.01
-FINETUNE = OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4)  # (b)'s recipe, for (c) and (d)
-# ResRep schedule, written for ResNet-20 over 8 epochs of 782 iterations (6256): masks from iteration 782
-# (1/8 of the run), a round every 40 iterations masking at most 4 more channels, no re-selection after
-# iteration 3500 (56% of the run) so that the rows masked last can decay before the conversion removes them;
-# lasso 1e-3. Other budgets keep the fractions, the number of rounds (68) and the total lasso pull (strength
-# x iterations: a masked row must still decay to ~0 before the conversion); deeper nets mask more channels per
-# round in proportion to their blocks per stage (ResNet-56: 12), see `resrep_schedule`.
-RESREP_START_FRACTION, RESREP_STOP_FRACTION, RESREP_ROUNDS, RESREP_ITERS = 1 / 8, 3500 / 6256, 68, 6256
-RESREP_GRANULARITY_PER_3_BLOCKS, RESREP_LASSO = 4, 1e-3
+FINETUNE = OptimConfig(lr=0.02, momentum=0.9, weight_decay=1e-4)  # every method's optimizer
+# The structure-finding phase of (c): the same fraction of the run as ResRep's budget recipe spends before
+# its masks freeze, so that both fine-tune the final structure for the same 70% of the iterations.
+PRUNE_FRACTION = ResRepConfig().freeze_fraction
 # Torch-Pruning: reg 5e-4 as in TP's own CIFAR ResNet-56 scripts for its group-norm method with global
 # pruning (benchmarks/scripts/prune/cifar/group_pruner.sh: `--method group_norm --global-pruning --reg 5e-4`);
 # ratio 0.9 over 400 steps removes ~0.2% of the candidate channels per step, so the MACs walk to the target
 # in fine steps (pruning stops at the first step that meets it; 0.9 only bounds how far it may go).
 TP_REG, TP_RATIO, TP_STEPS = 5e-4, 0.9, 400
+# (b) with one component of the budget recipe switched off (`apps.resrep.config`), as extra CLI flags.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "budget recipe (b)": (),
+    "score: raw compactor-row norm (paper)": ("--score", "norm"),
+    "score: fused filter norm": ("--score", "fused"),
+    "kept rows: 10x lasso, residual groups too": ("--lasso-strength", "1e-3", "--residual-lasso"),
+    "forgetting: masked rows zeroed at once": ("--freeze-fraction", "0.251"),
+    "masking: spread over 60% of the run": ("--mask-end-fraction", "0.55", "--freeze-fraction", "0.6"),
+    "optimizer: compactor momentum 0.99, bias lr x2": ("--compactor-momentum", "0.99", "--bias-lr-factor", "2"),
+    "recipe: paper (as the spec states it)": ("--recipe", "paper"),
+}
 
 
 # ----------------------------------------------------------------------------------------------- setup
 @dataclass(frozen=True)
 class Setup:
-    """Everything the steps of one benchmark share."""
+    """Everything the runs of one benchmark share."""
 
     npz: Path
     published: Path
@@ -122,14 +139,25 @@ class Setup:
         """The base model's folder, keyed by its fine-tuning recipe."""
         return self.cache / f"{self.arch}-ft-e{BASE_EPOCHS}-lr{BASE_LR:g}-b{BATCH}{self.limit_suffix}"
 
-    def run_dir(self, method: str, target: float) -> Path:
-        suffix = "" if target == DEFAULT_TARGET else f"@{target:g}"
-        return self.out / f"{self.arch}{self.limit_suffix}" / f"{method}{suffix}"
+    def run_dir(self, run: "Run") -> Path:
+        variant = f"-ablation{list(ABLATIONS).index(run.variant)}" if run.variant else ""
+        return (self.out / f"{self.arch}{self.limit_suffix}" / f"e{self.epochs}" /
+                f"{run.method}@{run.target:g}{variant}" / f"s{run.seed}")
 
     def iters_per_epoch(self) -> int:
         with np.load(self.npz, allow_pickle=False) as z:
             n = len(z["y_train"])
         return math.ceil((min(n, self.train_limit) if self.train_limit else n) / BATCH)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of one seed: a method at a target (``variant``: an `ABLATIONS` key, "" for none)."""
+
+    method: str
+    target: float
+    seed: int
+    variant: str = ""
 
 
 def find_inputs(data: Path, arch: str) -> tuple[Path, Path]:
@@ -175,29 +203,17 @@ def base_step(setup: Setup) -> Step:
                                  "--lr", f"{BASE_LR:g}", "--out", str(out)))
 
 
-def resrep_step(setup: Setup, mode: str, target: float) -> Step:
-    """ResRep by the CLI with the schedule above, scaled to E epochs of this run's iterations."""
-    method = f"resrep-{mode}"
-    out = setup.run_dir(method, target)
-    blocks_per_stage = len(build_model(model_config(setup.arch), num_classes=10).layer1)
-    sched = resrep_schedule(setup.epochs * setup.iters_per_epoch(), blocks_per_stage)
-    return Step(out.name, out, cli(
+def step_name(run: Run) -> str:
+    return f"{run.method}@{run.target:g}{' [' + run.variant + ']' if run.variant else ''} seed {run.seed}"
+
+
+def resrep_step(setup: Setup, run: Run) -> Step:
+    """ResRep by the CLI with its default recipe (``auto``) and the shared lr; an ablation adds its flags."""
+    out = setup.run_dir(run)
+    return Step(step_name(run), out, cli(
         setup, "prune", "--checkpoint", str(setup.base_dir / CHECKPOINT_NAME), "--epochs", str(setup.epochs),
-        "--lr", f"{FINETUNE.lr:g}", "--flops-target", f"{target:g}", "--before-mask-iters", str(sched["before"]),
-        "--mask-interval", str(sched["interval"]), "--begin-granularity", str(sched["granularity"]),
-        "--mask-stop-iters", str(sched["stop"]), "--lasso-strength", f"{sched['lasso']:g}", "--mode", mode,
-        "--out", str(out)))
-
-
-def resrep_schedule(total_iters: int, blocks_per_stage: int) -> dict[str, Any]:
-    """The ResRep schedule for a run of N = `total_iters` iterations: first round at ``start·N``, last
-    re-selection at ``stop·N``, 68 rounds in between, each masking at most 4 channels per 3 blocks per
-    stage, lasso ``1e-3 · 6256 / N``. ResNet-20 over 6256 iterations gives before 782, interval 40,
-    granularity 4, stop 3500, lasso 1e-3."""
-    before, stop = round(RESREP_START_FRACTION * total_iters), round(RESREP_STOP_FRACTION * total_iters)
-    return {"before": before, "stop": stop, "interval": max(1, round((stop - before) / RESREP_ROUNDS)),
-            "granularity": math.ceil(RESREP_GRANULARITY_PER_3_BLOCKS * blocks_per_stage / 3),
-            "lasso": RESREP_LASSO * RESREP_ITERS / total_iters}
+        "--lr", f"{FINETUNE.lr:g}", "--flops-target", f"{run.target:g}", "--mode", run.method.removeprefix("resrep-"),
+        "--seed", str(run.seed), "--formats", "state_dict", *ABLATIONS.get(run.variant, ()), "--out", str(out)))
 
 
 @dataclass(frozen=True)
@@ -211,23 +227,24 @@ class Job:
     arch: str
     target: float
     epochs: int
+    seed: int
     train_limit: int
     test_limit: int
     threads: int
 
 
-def worker_step(setup: Setup, method: str, target: float) -> Step:
-    out = setup.run_dir(method, target)
-    job = Job(method, str(out), str(setup.base_dir), str(setup.npz), setup.arch, target, setup.epochs,
-              setup.train_limit, setup.test_limit, setup.threads)
+def worker_step(setup: Setup, run: Run) -> Step:
+    out = setup.run_dir(run)
+    job = Job(run.method, str(out), str(setup.base_dir), str(setup.npz), setup.arch, run.target, setup.epochs,
+              run.seed, setup.train_limit, setup.test_limit, setup.threads)
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dataclasses.asdict(job))]
-    return Step(out.name, out, lambda resume: argv)  # workers always continue from what is on disk
+    return Step(step_name(run), out, lambda resume: argv)  # workers always continue from what is on disk
 
 
-def method_step(setup: Setup, method: str, target: float) -> Step:
-    if method.startswith("resrep-"):
-        return resrep_step(setup, method.removeprefix("resrep-"), target)
-    return worker_step(setup, method, target)
+def method_step(setup: Setup, run: Run) -> Step:
+    if run.method.startswith("resrep-"):
+        return resrep_step(setup, run)
+    return worker_step(setup, run)
 
 
 def _last_error(log: Path, offset: int) -> str:
@@ -261,6 +278,7 @@ def run_step(step: Step, env: Mapping[str, str]) -> dict[str, Any]:
         print(f"[{step.name}] {'resuming' if step.run_dir.exists() else 'running'} (log: {log})", flush=True)
         rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, check=False).returncode
     if rc == 0 and (step.run_dir / "summary.json").exists():
+        print(f"[{step.name}] done", flush=True)
         return {**record, "status": "done"}
     error = _last_error(log, offset)
     print(f"[{step.name}] failed (exit {rc}): {error}", flush=True)
@@ -286,22 +304,31 @@ class Context:
     def base_model(self) -> nn.Module:
         return load_weights(self.fresh_model(), Path(self.job.base) / CHECKPOINT_NAME).eval()
 
-    def meta(self, phase: str, epochs: int, **more: Any) -> dict[str, Any]:
+    @property
+    def total_iters(self) -> int:
+        return self.job.epochs * len(self.train_loader)
+
+    def meta(self, phase: str, steps: int, **more: Any) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it (`fit` compares it)."""
         j = self.job
         return {"benchmark": "prune_cifar", "method": j.method, "phase": phase, "arch": j.arch, "target": j.target,
-                "epochs": epochs, "data": {"batch_size": BATCH, "train_limit": j.train_limit,
-                                           "test_limit": j.test_limit},
+                "epochs": j.epochs, "steps": steps, "seed": j.seed,
+                "data": {"batch_size": BATCH, "train_limit": j.train_limit, "test_limit": j.test_limit},
                 "optim": dataclasses.asdict(FINETUNE), **more}
 
-    def train(self, model: nn.Module, *, epochs: int, out: Path, meta: dict[str, Any], hooks: Any = None) -> None:
-        """`apps.resrep.engine.fit` with the shared recipe (the `train` command's per-iteration cosine),
-        resuming from ``out/last.pt`` when present; a checkpoint every epoch. A fresh start is seeded here,
-        so it does not depend on what the process drew before (a resumed one restores every RNG anyway)."""
-        torch.manual_seed(0)
-        fit(model, self.train_loader, self.test_loader, epochs=epochs, optimizer=sgd(model, FINETUNE), hooks=hooks,
-            checkpoint_dir=out, resume=True, channels_last=True, log_dir=out, device=self.device, progress=False,
-            meta=meta)
+    def train(self, model: nn.Module, *, steps: int, out: Path, meta: dict[str, Any], hooks: Any = None,
+              constant_lr: bool = False) -> None:
+        """`apps.resrep.engine.fit` for ``steps`` iterations with the shared optimizer: lr constant
+        (``constant_lr``, a structure-finding phase) or the cosine from lr to 0 over the ``steps`` (the
+        fine-tuning rule), resuming from ``out/last.pt`` when present; a checkpoint every epoch. A fresh
+        start is seeded here, so it does not depend on what the process drew before (a resumed one
+        restores every RNG anyway)."""
+        torch.manual_seed(self.job.seed)
+        optimizer = sgd(model, FINETUNE)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0) if constant_lr else None
+        fit(model, self.train_loader, self.test_loader, epochs=math.ceil(steps / len(self.train_loader)),
+            optimizer=optimizer, scheduler=scheduler, hooks=hooks, checkpoint_dir=out, resume=True,
+            channels_last=True, log_dir=out, device=self.device, progress=False, meta=meta, max_steps=steps)
 
     def macs(self, model: nn.Module) -> int:
         """MACs per image (eval mode, so that tracing leaves the BatchNorm statistics alone)."""
@@ -312,7 +339,7 @@ def _context(job: Job) -> Context:
     data = DataConfig(dataset="jpeg-npz", root=job.npz, batch_size=BATCH, train_limit=job.train_limit,
                       test_limit=job.test_limit)
     device = resolve_device("auto")
-    train_loader, test_loader, info = build_loaders(data, seed=0, pin_memory=device.type == "cuda")
+    train_loader, test_loader, info = build_loaders(data, seed=job.seed, pin_memory=device.type == "cuda")
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
     return Context(job, train_loader, test_loader, info, device, example)
 
@@ -366,21 +393,20 @@ def tp_prune_to_target(pruner: Any, ctx: Context, model: nn.Module) -> float:
 def run_tp_groupnorm(ctx: Context) -> dict[str, Any]:
     """(c) Torch-Pruning's regularise-then-prune, then fine-tuning.
 
-    Phase 1 (``run_dir/sparse``): R = max(1, E//4) epochs with `GroupNormRegularizer`. Then TP prunes,
-    deterministically from the phase-1 weights, until the MACs meet the target. Phase 2 (``run_dir``):
-    E - R epochs of fine-tuning. Each phase runs the shared recipe with its own cosine from lr 0.02 to 0,
-    as TP's recipes give sparse training and fine-tuning separate schedules. Resumption is exact: while
-    phase 2 has no checkpoint, phase 1 resumes from its own (a finished phase 1 just reloads its final
-    weights) and the pruning is redone; once it has one, the pruned network is rebuilt from that
-    checkpoint's tensor shapes (`deploy_shell`: TP only narrows convs and BatchNorms here, the pads stay)
-    and `fit` continues it; its meta holds the pruned widths.
+    Phase 1 (``run_dir/sparse``): the first ``PRUNE_FRACTION`` of the N iterations with
+    `GroupNormRegularizer` at constant lr. Then TP prunes, deterministically from the phase-1 weights,
+    until the MACs meet the target. Phase 2 (``run_dir``): the remaining iterations of fine-tuning with
+    the cosine from lr to 0. Resumption is exact: while phase 2 has no checkpoint, phase 1 resumes from its
+    own (a finished phase 1 just reloads its final weights) and the pruning is redone; once it has one,
+    the pruned network is rebuilt from that checkpoint's tensor shapes (`deploy_shell`: TP only narrows
+    convs and BatchNorms here, the pads stay) and `fit` continues it; its meta holds the pruned widths.
     """
     import torch_pruning as tp
 
     run_dir, job = Path(ctx.job.run_dir), ctx.job
-    sparse_epochs = max(1, job.epochs // 4)
+    sparse_steps = max(1, round(PRUNE_FRACTION * ctx.total_iters))
     settings = {"importance": "GroupMagnitudeImportance(p=2)", "reg": TP_REG, "pruning_ratio": TP_RATIO,
-                "iterative_steps": TP_STEPS, "global_pruning": True, "sparse_epochs": sparse_epochs}
+                "iterative_steps": TP_STEPS, "global_pruning": True, "sparse_steps": sparse_steps}
     if (run_dir / CHECKPOINT_NAME).exists():
         model = deploy_shell(ctx.fresh_model(), unwrap_state_dict(load_file(run_dir / CHECKPOINT_NAME)))
     else:
@@ -390,17 +416,17 @@ def run_tp_groupnorm(ctx: Context) -> dict[str, Any]:
             global_pruning=True, pruning_ratio=TP_RATIO, iterative_steps=TP_STEPS,
             ignored_layers=tp_ignored_layers(model))
         pruner.update_regularizer()
-        ctx.train(model, epochs=sparse_epochs, out=run_dir / "sparse",
-                  meta=ctx.meta("sparse", sparse_epochs, tp=settings), hooks=GroupNormRegularizer(pruner, model))
+        ctx.train(model, steps=sparse_steps, out=run_dir / "sparse", meta=ctx.meta("sparse", sparse_steps, tp=settings),
+                  hooks=GroupNormRegularizer(pruner, model), constant_lr=True)
         kept = tp_prune_to_target(pruner, ctx, model)
         print(f"pruned by Torch-Pruning in {pruner.current_step} steps: {kept:.4f} of the MACs kept", flush=True)
     widths = conv_widths(model)
-    finetune_epochs = job.epochs - sparse_epochs
-    ctx.train(model, epochs=finetune_epochs, out=run_dir,
-              meta=ctx.meta("finetune", finetune_epochs, tp=settings, widths=widths))
+    finetune_steps = ctx.total_iters - sparse_steps
+    ctx.train(model, steps=finetune_steps, out=run_dir,
+              meta=ctx.meta("finetune", finetune_steps, tp=settings, widths=widths))
     atomic_save({"arch": dataclasses.asdict(model_config(job.arch)), "info": dataclasses.asdict(ctx.info),
                  "state_dict": model.state_dict()}, run_dir / "final.pt")
-    return {"tp": settings, "finetune_epochs": finetune_epochs, "widths": widths}
+    return {"tp": settings, "finetune_steps": finetune_steps, "widths": widths}
 
 
 def l1_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
@@ -445,7 +471,7 @@ def run_l1_oneshot(ctx: Context) -> dict[str, Any]:
         save_pruned(model, run_dir / "pruned")
     print(f"pruned by L1 norm: {ctx.macs(model) / ctx.macs(ctx.fresh_model()):.4f} of the MACs kept", flush=True)
     widths = conv_widths(model)
-    ctx.train(model, epochs=ctx.job.epochs, out=run_dir, meta=ctx.meta("finetune", ctx.job.epochs, widths=widths))
+    ctx.train(model, steps=ctx.total_iters, out=run_dir, meta=ctx.meta("finetune", ctx.total_iters, widths=widths))
     save_pruned(model, run_dir / "final")
     return {"widths": widths}
 
@@ -468,7 +494,7 @@ def run_worker(job: Job) -> int:
         return 2
     accuracy = evaluate(model.to(ctx.device), ctx.test_loader, device=ctx.device)["acc"]
     summary = {"method": job.method, "arch": job.arch, "flops_target": job.target, "epochs": job.epochs,
-               "pruned_accuracy": accuracy, "wall_time_s": time.perf_counter() - start, **extra}
+               "seed": job.seed, "pruned_accuracy": accuracy, "wall_time_s": time.perf_counter() - start, **extra}
     write_json(Path(job.run_dir) / "summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
     return 0
@@ -530,9 +556,10 @@ def time_models(models: Mapping[str, nn.Module], info: DataInfo, repeats: int) -
     return out
 
 
-def collect(setup: Setup, steps: Sequence[tuple[str, float, dict[str, Any]]], repeats: int
+def collect(setup: Setup, done: Sequence[tuple[Run, dict[str, Any]]], repeats: int
             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Base and per-run results: accuracies, counts, reductions, latencies, times."""
+    """Base and per-run results (one row per seed): accuracies, counts, reductions, times; latencies for
+    the first seed of every (method, target, variant)."""
     base_ck = load_file(setup.base_dir / CHECKPOINT_NAME)
     info = DataInfo(**base_ck["meta"]["info"])
     cfg = model_config(setup.arch)
@@ -540,70 +567,101 @@ def collect(setup: Setup, steps: Sequence[tuple[str, float, dict[str, Any]]], re
     base_model = build_model(cfg, num_classes=info.num_classes, in_channels=info.in_channels)
     load_state_dict_checked(base_model, base_ck["model"], f"checkpoint {setup.base_dir / CHECKPOINT_NAME}")
     measured = {"base": measure(base_model, info)}
+    timed = {"base": measured["base"].model}
     rows = []
-    for method, target, step in steps:
-        row = {"method": method, "target": target, **step}
+    for run, step in done:
+        row = {"method": run.method, "target": run.target, "seed": run.seed, "variant": run.variant, **step}
         if step["status"] == "done":
             run_dir = Path(step["dir"])
             summary = json.loads((run_dir / "summary.json").read_text())
-            if summary["epochs"] != setup.epochs:
-                raise SystemExit(f"error: {run_dir} holds a run of {summary['epochs']} epochs, not {setup.epochs}: "
-                                 "use another --out")
-            key = f"{method}@{target:g}"
-            measured[key] = measure(final_model(method, run_dir, cfg, info), info)
-            row.update(key=key, accuracy_after=summary["pruned_accuracy"], epochs=summary["epochs"],
-                       wall_time_s=summary["wall_time_s"], train_time_s=train_time_s(run_dir))
+            m = measure(final_model(run.method, run_dir, cfg, info), info)
+            key = (run.method, run.target, run.variant)
+            if key not in timed:
+                timed[key] = m.model
+                row["timed"] = True
+            row.update(accuracy_after=summary["pruned_accuracy"], epochs=summary["epochs"],
+                       wall_time_s=summary["wall_time_s"], train_time_s=train_time_s(run_dir), macs=m.macs,
+                       params=m.params, largest_removed_norm=summary.get("largest_removed_norm"),
+                       plan=summary.get("plan"))
+        row["scope"] = SCOPES[run.method]
         rows.append(row)
-    timings = time_models({k: m.model for k, m in measured.items()}, info, repeats)
+    timings = time_models({str(k): v for k, v in timed.items()}, info, repeats)
     b = measured["base"]
     base = {"dir": str(setup.base_dir), "accuracy": base_summary["accuracy"], "macs": b.macs, "params": b.params,
             "latency_ms": timings["base"], "train_time_s": train_time_s(setup.base_dir),
             "wall_time_s": base_summary["wall_time_s"]}
     for row in rows:
-        if "key" in row:
-            m = measured[row.pop("key")]
-            lat = timings[f"{row['method']}@{row['target']:g}"]
+        if row["status"] == "done":
             row.update(accuracy_before=base["accuracy"], accuracy_drop=base["accuracy"] - row["accuracy_after"],
-                       macs=m.macs, params=m.params, macs_kept=m.macs / b.macs, macs_reduction=1 - m.macs / b.macs,
-                       params_reduction=1 - m.params / b.params, latency_ms=lat,
-                       speedup={k: base["latency_ms"][k] / v for k, v in lat.items()})
-        row["scope"] = SCOPES[row["method"]]
+                       macs_kept=row["macs"] / b.macs, macs_reduction=1 - row["macs"] / b.macs,
+                       params_reduction=1 - row["params"] / b.params)
+            if row.pop("timed", False):
+                lat = timings[str((row["method"], row["target"], row["variant"]))]
+                row.update(latency_ms=lat, speedup={k: base["latency_ms"][k] / v for k, v in lat.items()})
     return base, rows
 
 
-def markdown(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], title: str) -> str:
-    head = ["target", "method", "top-1 before", "top-1 after", "drop", "MACs (M)", "MACs red.", "params (K)",
-            "params red.", "ms b1", "ms b64", "speedup b1/b64", "epochs", "train min", "wall min"]
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (target, method, variant) in first-seen order: mean and sample standard deviation of
+    top-1 and drop over the seeds that finished, mean reductions and times, the timed seed's latency, and
+    the errors of the seeds that failed."""
+    keys = list(dict.fromkeys((r["target"], r["method"], r["variant"]) for r in rows))
+    out = []
+    for target, method, variant in keys:
+        mine = [r for r in rows if (r["target"], r["method"], r["variant"]) == (target, method, variant)]
+        ok = [r for r in mine if r["status"] == "done"]
+        entry: dict[str, Any] = {"target": target, "method": method, "variant": variant,
+                                 "seeds": [r["seed"] for r in ok], "failed": {r["seed"]: r["error"] for r in mine
+                                                                             if r["status"] != "done"}}
+        if ok:
+            acc = np.array([r["accuracy_after"] for r in ok])
+            entry.update(accuracy_mean=float(acc.mean()), accuracy_std=float(acc.std(ddof=1)) if len(ok) > 1 else None,
+                         drop_mean=float(np.mean([r["accuracy_drop"] for r in ok])),
+                         **{k: float(np.mean([r[k] for r in ok])) for k in
+                            ("macs", "macs_reduction", "params", "params_reduction", "train_time_s", "wall_time_s")})
+            timed = next((r for r in ok if "latency_ms" in r), None)
+            if timed is not None:
+                entry.update(latency_ms=timed["latency_ms"], speedup=timed["speedup"])
+        out.append(entry)
+    return out
+
+
+def markdown(base: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], title: str) -> str:
+    head = ["target", "method", "seeds", "top-1 after", "drop", "MACs (M)", "MACs red.", "params red.", "ms b1",
+            "ms b64", "speedup b1/b64", "train min", "wall min"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             f"| 1.0 | base | {base['accuracy']:.2f} | | | {base['macs'] / 1e6:.2f} | | {base['params'] / 1e3:.1f} | | "
-             f"{base['latency_ms']['1']:.2f} | {base['latency_ms']['64']:.1f} | | | {base['train_time_s'] / 60:.1f} | "
-             f"{base['wall_time_s'] / 60:.1f} |"]
-    for r in rows:
-        if r["status"] != "done":
-            lines.append(f"| {r['target']:g} | {r['method']} | failed: {r['error']} |" + " |" * (len(head) - 3))
+             f"| 1.0 | base | | {base['accuracy']:.2f} | | {base['macs'] / 1e6:.2f} | | | {base['latency_ms']['1']:.2f} | "
+             f"{base['latency_ms']['64']:.1f} | | {base['train_time_s'] / 60:.1f} | {base['wall_time_s'] / 60:.1f} |"]
+    for e in entries:
+        name = e["method"] + (f" [{e['variant']}]" if e["variant"] else "")
+        failed = "; ".join(f"seed {s} failed: {why}" for s, why in e["failed"].items())
+        if not e["seeds"]:
+            lines.append(f"| {e['target']:g} | {name} | | {failed} |" + " |" * (len(head) - 4))
             continue
+        spread = f" ± {e['accuracy_std']:.2f}" if e["accuracy_std"] is not None else ""
+        lat = (f"{e['latency_ms']['1']:.2f} | {e['latency_ms']['64']:.1f} | "
+               f"{e['speedup']['1']:.2f}x/{e['speedup']['64']:.2f}x") if "latency_ms" in e else " | | "
         lines.append(
-            f"| {r['target']:g} | {r['method']} | {r['accuracy_before']:.2f} | {r['accuracy_after']:.2f} | "
-            f"{r['accuracy_drop']:.2f} | {r['macs'] / 1e6:.2f} | {100 * r['macs_reduction']:.1f}% | "
-            f"{r['params'] / 1e3:.1f} | {100 * r['params_reduction']:.1f}% | {r['latency_ms']['1']:.2f} | "
-            f"{r['latency_ms']['64']:.1f} | {r['speedup']['1']:.2f}x/{r['speedup']['64']:.2f}x | {r['epochs']} | "
-            f"{r['train_time_s'] / 60:.1f} | {r['wall_time_s'] / 60:.1f} |")
+            f"| {e['target']:g} | {name} | {len(e['seeds'])} | {e['accuracy_mean']:.2f}{spread} | {e['drop_mean']:.2f} | "
+            f"{e['macs'] / 1e6:.2f} | {100 * e['macs_reduction']:.1f}% | {100 * e['params_reduction']:.1f}% | {lat} | "
+            f"{e['train_time_s'] / 60:.1f} | {e['wall_time_s'] / 60:.1f} |" + (f" {failed}" if failed else ""))
     return "\n".join(lines)
 
 
-def plot_curve(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """Top-1 after pruning against the fraction of MACs kept, for (b) and (c)."""
+def plot_curve(base: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Top-1 after pruning (mean over seeds, spread as error bars) against the fraction of MACs kept."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in CURVE_METHODS:
-        pts = sorted((r["macs_kept"], r["accuracy_after"]) for r in rows
-                     if r["method"] == method and r["status"] == "done")
+    for method in dict.fromkeys(e["method"] for e in entries):
+        pts = sorted((1 - e["macs_reduction"], e["accuracy_mean"], e["accuracy_std"] or 0.0) for e in entries
+                     if e["method"] == method and e["seeds"] and not e["variant"])
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
+            x, y, err = zip(*pts)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
     ax.scatter([1.0], [base["accuracy"]], marker="*", s=120, color="k", label="base", zorder=3)
     ax.set(xlabel="fraction of the base MACs kept", ylabel="top-1 (%)")
     ax.set_title(title, fontsize=9)
@@ -616,6 +674,10 @@ def plot_curve(base: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def _numbers(text: str, kind: type) -> list:
+    return [kind(t) for t in text.split(",") if t]
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -624,14 +686,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--mode", choices=sorted(ARCHS), default="quick", help="quick: ResNet-20, full: ResNet-56")
     p.add_argument("--methods", default="a,b,c,d", help="comma-separated letters or names: " +
                    ", ".join(f"{k}={v}" for k, v in METHODS.items()))
-    p.add_argument("--targets", default=f"{DEFAULT_TARGET}", help="fractions of the MACs kept, comma separated")
-    p.add_argument("--curve-targets", default="", help="more targets for (b) and (c) only, for the accuracy-vs-MACs "
-                   "curve (e.g. 0.6,0.35)")
-    p.add_argument("--epochs", type=int, default=8, help="epoch budget of every method")
+    p.add_argument("--targets", default=",".join(f"{t:g}" for t in DEFAULT_TARGETS),
+                   help="fractions of the MACs kept, comma separated")
+    p.add_argument("--epochs", type=int, default=1, help="epoch budget of every method")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of every (method, target), comma separated")
+    p.add_argument("--ablation", action="store_true",
+                   help="run the ABLATIONS variants of (b) at the first target and seed instead of --methods")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (each with --threads threads)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "prune_cifar", help="run folders")
     p.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "cache", help="base models, by recipe")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="JSON and PNG")
-    p.add_argument("--threads", type=int, default=2, help="torch threads, for training and for the latency")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run, and for the latency")
     p.add_argument("--repeats", type=int, default=20, help="timed rounds per batch size (median)")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images only (smoke runs)")
     p.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")
@@ -641,16 +706,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         unknown = sorted(set(args.methods) - set(METHODS.values()))
         if unknown:
             raise ValueError(f"unknown methods {unknown}; use {METHODS}")
-        args.targets = [float(t) for t in args.targets.split(",") if t]
-        args.curve_targets = [float(t) for t in args.curve_targets.split(",") if t]
-        if not all(0.0 < t < 1.0 for t in args.targets + args.curve_targets):
-            raise ValueError(f"targets must lie in (0, 1), got {args.targets + args.curve_targets}")
-        if args.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+        args.targets, args.seeds = _numbers(args.targets, float), _numbers(args.seeds, int)
+        if not args.targets or not all(0.0 < t < 1.0 for t in args.targets):
+            raise ValueError(f"targets must lie in (0, 1), got {args.targets}")
+        if not args.seeds:
+            raise ValueError("--seeds needs at least one seed")
+        if args.epochs < 1 or args.jobs < 1:
+            raise ValueError(f"--epochs and --jobs must be at least 1, got {args.epochs} and {args.jobs}")
         args.npz, args.published = find_inputs(args.data, ARCHS[args.mode])
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def planned_runs(args: argparse.Namespace) -> list[Run]:
+    if args.ablation:
+        return [Run("resrep-residual", args.targets[0], args.seeds[0], variant) for variant in ABLATIONS]
+    return [Run(m, t, s) for t in args.targets for m in args.methods for s in args.seeds]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -666,23 +738,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_run = run_step(base_step(setup), env)
     if base_run["status"] != "done":
         raise SystemExit(f"error: the base fine-tuning failed: {base_run['error']} (see {setup.base_dir}.log)")
-    runs = [(m, t) for t in args.targets for m in args.methods]
-    runs += [(m, t) for t in args.curve_targets for m in CURVE_METHODS if m in args.methods and (m, t) not in runs]
-    steps = [(m, t, run_step(method_step(setup, m, t), env)) for m, t in runs]
-    base, rows = collect(setup, steps, args.repeats)
-    title = f"{arch} (option A) on CIFAR-10 (JPEG q75), {args.epochs}-epoch budget per method"
-    print(markdown(base, rows, title))
-    results = args.results.resolve()
+    runs = planned_runs(args)
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own subprocess
+        results = list(pool.map(lambda run: run_step(method_step(setup, run), env), runs))
+    base, rows = collect(setup, list(zip(runs, results)), args.repeats)
+    entries = aggregate(rows)
+    title = (f"{arch} (option A) on CIFAR-10 (JPEG q75), {args.epochs}-epoch budget per method"
+             + (", ablation of (b)" if args.ablation else ""))
+    print(markdown(base, entries, title))
+    name = f"prune_cifar_{args.mode}_e{args.epochs}{'_ablation' if args.ablation else ''}"
     payload = {"benchmark": "prune_cifar", "mode": args.mode, "arch": arch, "dataset": "CIFAR-10 (JPEG q75)",
-               "epochs": args.epochs, "targets": args.targets, "curve_targets": args.curve_targets,
-               "train_limit": args.train_limit, "test_limit": args.test_limit, **machine_meta(),
+               "epochs": args.epochs, "iterations": args.epochs * setup.iters_per_epoch(), "targets": args.targets,
+               "seeds": args.seeds, "ablation": args.ablation, "train_limit": args.train_limit,
+               "test_limit": args.test_limit, **machine_meta(),
                "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]),
-               "base": {**base, **base_run}, "results": rows}
-    write_json(results / f"prune_cifar_{args.mode}.json", payload)
-    print(f"wrote {results / f'prune_cifar_{args.mode}.json'}")
-    if len({t for _, t in runs}) > 1:
-        plot_curve(base, rows, results / f"prune_cifar_{args.mode}_curve.png", title)
-        print(f"wrote {results / f'prune_cifar_{args.mode}_curve.png'}")
+               "base": {**base, **base_run}, "summary": entries, "results": rows}
+    results_dir = args.results.resolve()
+    write_json(results_dir / f"{name}.json", payload)
+    print(f"wrote {results_dir / f'{name}.json'}")
+    if len(args.targets) > 1 and not args.ablation:
+        plot_curve(base, entries, results_dir / f"{name}_curve.png", title)
+        print(f"wrote {results_dir / f'{name}_curve.png'}")
     return 0
 
 

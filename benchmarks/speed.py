@@ -95,9 +95,10 @@ def train_step(arch: str, batch: int, seconds: float) -> dict:
                               x, y, None)
     rrs: dict[str, ResRep] = {}
     for mode in ("residual", "paper"):
-        rr = ResRep(_base(arch), x[:2].contiguous(), ResRepConfig(mode=mode, before_mask_iters=0))
+        # the budget recipe (the default at CIFAR budgets) before its freeze: Taylor scores, lasso on kept rows
+        rr = ResRep(_base(arch), x[:2].contiguous(), ResRepConfig(mode=mode, recipe="budget"), total_iters=10**6)
         rrs[mode] = rr
-        steps[f"resrep-{mode}"] = _stepper(rr.model, torch.optim.SGD(rr.param_groups(), lr=0.01), x, y, rr)
+        steps[f"resrep-{mode}"] = _stepper(rr.model, rr.optimizer(), x, y, rr)
     probe = _interleaved(steps, rounds=1, warmup=2)
     rounds = max(7, int(seconds / sum(probe.values())))
     t = _interleaved(steps, rounds)
@@ -120,7 +121,7 @@ def _synthetic_deploy(arch: str, target: float, round_to: int) -> tuple[nn.Modul
     masked rows are not decayed, so the conversion's warning about them is expected and silenced)."""
     base = _base(arch).eval()
     rr = ResRep(base, torch.randn(2, 3, 32, 32),
-                ResRepConfig(flops_target=target, begin_granularity=10**6, round_to=round_to))
+                ResRepConfig(recipe="paper", flops_target=target, begin_granularity=10**6, round_to=round_to))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, compactor in rr.compactors():

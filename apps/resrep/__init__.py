@@ -8,15 +8,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .config import ResRepConfig
 from .convert import ConversionError, ConversionReport
 from .engine import fit
-from .method import ResRep
+from .method import ResRep, TargetMissedError
 
-__all__ = ["ResRep", "ResRepConfig", "ConversionReport", "ConversionError", "prune"]
+__all__ = ["ConversionError", "ConversionReport", "ResRep", "ResRepConfig", "TargetMissedError", "prune"]
 
 
 def prune(
@@ -30,7 +29,8 @@ def prune(
     **fit_options: Any,
 ) -> tuple[nn.Module, ConversionReport]:
     """Train ``model`` with ResRep for ``epochs`` on ``train_loader`` (SGD with `ResRep.param_groups`,
-    per-iteration cosine lr to 0), then convert: returns the narrow plain model and its report.
+    the recipe's per-iteration learning-rate shape), check that the MACs target was met
+    (`TargetMissedError` otherwise), then convert: returns the narrow plain model and its report.
 
     ``example_inputs`` (default: the first training batch) trace the channel groups and verify the
     conversion; ``fit_options`` go to `apps.resrep.engine.fit` (device, amp, checkpoint_dir, ...).
@@ -39,7 +39,9 @@ def prune(
     config = config if config is not None else ResRepConfig()
     if example_inputs is None:
         example_inputs = next(iter(train_loader))[0]
-    rr = ResRep(model, example_inputs, config, iters_per_epoch=len(train_loader))
-    optimizer = torch.optim.SGD(rr.param_groups(), lr=config.lr)
-    fit(rr.model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, hooks=rr, **fit_options)
+    rr = ResRep(model, example_inputs, config, iters_per_epoch=len(train_loader), total_iters=epochs * len(train_loader))
+    optimizer = rr.optimizer()
+    fit(rr.model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, scheduler=rr.lr_scheduler(optimizer),
+        hooks=rr, **fit_options)
+    rr.check_target()
     return rr.convert()

@@ -40,7 +40,7 @@ from .config import ResRepConfig
 from .data import DataConfig, DataInfo, build_loaders
 from .engine import (OptimConfig, TrainConfig, evaluate, fit, init_distributed, is_main_process,
                      resolve_device, sgd)
-from .export import FORMATS, export_model
+from .export import FORMATS, check_formats, export_model
 from .models import ModelConfig, build_model, deploy_shell, load_state_dict_checked, load_weights, unwrap_state_dict
 
 __all__ = ["main", "build_parser", "run_train", "run_prune", "run_eval", "run_export"]
@@ -196,11 +196,12 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, opti
 
 
 def _resrep(model_cfg: ModelConfig, rr_cfg: ResRepConfig, info: DataInfo, example: torch.Tensor,
-            iters_per_epoch: int, device: torch.device):
+            iters_per_epoch: int, epochs: int, device: torch.device):
     from .method import ResRep
 
     base = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
-    return base, lambda: ResRep(base.to(device), example.to(device), rr_cfg, iters_per_epoch=iters_per_epoch)
+    return base, lambda: ResRep(base.to(device), example.to(device), rr_cfg, iters_per_epoch=iters_per_epoch,
+                                total_iters=epochs * iters_per_epoch)
 
 
 def _export_deploy(rr, verify: torch.Tensor, out_dir: Path, formats: Sequence[str], extra: dict[str, Any]):
@@ -213,21 +214,32 @@ def _export_deploy(rr, verify: torch.Tensor, out_dir: Path, formats: Sequence[st
 
 def run_prune(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, rr_cfg: ResRepConfig, *,
               checkpoint: str, out: str, resume: bool = False, formats: Sequence[str] = FORMATS) -> dict[str, Any]:
-    """ResRep from ``checkpoint`` into ``out``: train with compactors, convert, verify, evaluate, export."""
+    """ResRep from ``checkpoint`` into ``out``: train with compactors, convert, verify, evaluate, export.
+
+    A run that ends above ``flops_target`` still converts and writes everything (``summary.json`` says
+    ``target_met: false``), then raises `apps.resrep.method.TargetMissedError` (exit status 2)."""
+    from .method import TargetMissedError
+
+    check_formats(formats)
     rank, world, out_dir, device, (train_loader, test_loader, info) = _start_run(data, train, out, resume)
-    base, make = _resrep(model_cfg, rr_cfg, info, _example(test_loader), len(train_loader), device)
+    base, make = _resrep(model_cfg, rr_cfg, info, _example(test_loader), len(train_loader), train.epochs, device)
     load_weights(base, checkpoint)
     base_eval = evaluate(base.to(device), test_loader, device=device, amp=train.amp)
     rr = make()
-    optimizer = torch.optim.SGD(rr.param_groups(), lr=rr_cfg.lr)
+    optimizer = rr.optimizer()
     t0 = time.perf_counter()
-    history = fit(rr.model, train_loader, test_loader, epochs=train.epochs, optimizer=optimizer, hooks=rr,
-                  checkpoint_dir=out_dir, resume=resume, amp=train.amp, channels_last=train.channels_last,
+    history = fit(rr.model, train_loader, test_loader, epochs=train.epochs, optimizer=optimizer,
+                  scheduler=rr.lr_scheduler(optimizer), hooks=rr, checkpoint_dir=out_dir, resume=resume, amp=train.amp, channels_last=train.channels_last,
                   log_dir=out_dir, device=device, eval_every=train.eval_every,
                   checkpoint_every=train.checkpoint_every, progress=train.progress,
                   metrics=lambda: {"macs": rr.macs(masked=True), "masked": sum(int((~m).sum()) for m in rr.masks.values())},
                   meta=_meta(data, model_cfg, train, info, command="prune", resrep=dataclasses.asdict(rr_cfg)))
     wall = time.perf_counter() - t0
+    try:
+        rr.check_target()
+        missed = None
+    except TargetMissedError as e:
+        missed = e
     summary: dict[str, Any] = {}
     if is_main_process():
         from .plots import plot_history, plot_widths
@@ -247,11 +259,14 @@ def run_prune(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, rr_c
             "exports": {r.format: {"path": str(r.path), "max_rel_error": r.max_rel_error, "checked_with": r.checked_with}
                         for r in results},
             "wall_time_s": wall, "world_size": world, "resrep_config": dataclasses.asdict(rr_cfg),
+            "plan": rr.plan.describe(), "target_met": missed is None,
         }
         _summary_write(out_dir, summary)
         plot_widths(report.widths_before, report.widths_after, out_dir / "widths.png",
                     title=f"{model_cfg.arch}: widths before/after ResRep")
         plot_history(history, out_dir / "history.png", title=f"ResRep {model_cfg.arch} on {data.dataset}")
+    if missed is not None:
+        raise missed
     return summary
 
 

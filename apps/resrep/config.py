@@ -1,19 +1,45 @@
-"""`ResRepConfig`: every knob of ResRep, with the published recipe as defaults.
+"""`ResRepConfig`: every knob of ResRep and the two recipes it chooses between.
 
-Defaults follow the ResRep training recipe (ResNet-56 / CIFAR-10 operating point):
+Two recipes (``recipe``), resolved for a run of N iterations into a `apps.resrep.recipe.Plan`:
 
-* optimizer groups: SGD, base ``lr`` 0.01, ``momentum`` 0.9, ``weight_decay`` 1e-4 on conv/linear
-  kernels, no decay on norm weights, biases at ``bias_lr_factor`` x lr, compactors with
-  ``compactor_momentum`` 0.99 and no decay;
-* gradient rule: group-lasso strength ``lasso_strength`` 1e-4 on every compactor row;
-* mask schedule: masks stay all-ones for ``before_mask_iters`` iterations (``None`` = 5 epochs of
-  iterations, resolved from ``iters_per_epoch`` given to `ResRep`), then a global re-selection every
-  ``mask_interval`` 200 iterations that masks at most ``begin_granularity`` 4 more channels per round
-  until the MACs reach ``flops_target`` 0.471 of the original; no group goes below ``num_at_least`` 1;
-* ``mask_stop_iters`` None: masks are re-selected until the end, as in the published recipe. A short
-  run should stop re-selecting well before its end (e.g. at half of its iterations) so that the
-  rows masked last have time to decay before the conversion removes them;
-* conversion: masked compactor rows are expected to have decayed below ``threshold`` 1e-5.
+* ``"paper"`` — the published recipe, exactly as the spec states it (ResNet-56 / CIFAR-10 operating
+  point): SGD, base ``lr`` 0.01, ``momentum`` 0.9, ``weight_decay`` 1e-4 on conv/linear kernels, no decay
+  on norm weights, biases at 2 x lr, compactors with momentum 0.99 and no decay; group lasso
+  ``lasso_strength`` 1e-4 on *every* compactor row (masked rows feel only it); masks all-ones for
+  ``before_mask_iters`` iterations (``None`` = ``before_mask_epochs`` 5 epochs), then a global
+  re-selection of compactor-row norms every ``mask_interval`` 200 iterations masking at most
+  ``begin_granularity`` 4 more channels per round until the MACs reach ``flops_target``; masks may be
+  re-selected until ``mask_stop_iters`` (``None``: the end). Masked rows decay by the lasso alone.
+* ``"budget"`` — ours, for runs far shorter than the paper's 480 epochs. Remembering and forgetting are
+  decoupled in strength as well as in gradient:
+
+  - kept rows feel at most the paper's ``lasso_strength`` (1e-4), none on residual-coupled groups
+    (``residual_lasso`` False), and no penalty at all once the masks are frozen;
+  - a masked row gets no task gradient and no penalty; it is *written*, not stepped: from the round that
+    masks it, it fades linearly to exactly 0 over ``freeze - mask_end`` iterations (its momentum entries
+    are cleared when the optimizer is known), so every removed row is exactly zero at the freeze and the
+    conversion is exact by construction;
+  - channels are ranked by ``score`` (default ``"taylor"``: the first-order loss change of removing the
+    channel, |Σ_i Q_ji ∂L/∂Q_ji| squared and averaged over iterations; ``"fused"``: the norm of the fused
+    filter row (Q·diag(γ/σ)·W)_j; ``"norm"``: the paper's raw compactor-row norm), each group normalised
+    by its mean, one global MACs-targeted ranking;
+  - masking is cumulative and front-loaded: ``mask_rounds`` 20 rounds between ``mask_start_fraction``
+    0.02 and ``mask_end_fraction`` 0.25 of the run, the kept MACs following a cubic from 1 to
+    ``flops_target`` (most channels go early), the last round meeting the target exactly;
+  - masks frozen at ``freeze_fraction`` 0.30 of the run; the rest is fine-tuning with every penalty off,
+    the lr constant until the freeze and a cosine to 0 after it;
+  - compactor momentum 0.9 and bias lr factor 1.
+
+* ``"auto"`` (default) — ``"paper"`` when the run is long enough for the paper's own timeline (lasso
+  warm-up, 4 channels per 200 iterations, ~(1-0.99)/(lr·λ) iterations for a masked row to decay) to fit
+  in the first ``freeze_fraction`` of it, ``"budget"`` otherwise; ``auto_switch_iters`` overrides that
+  switch point. ``bias_lr_factor``, ``compactor_momentum``, ``residual_lasso`` and ``score`` left at
+  ``None`` take the chosen recipe's value.
+
+Both recipes must end at or below ``flops_target``; `ResRep.check_target` says by how much a run
+missed it and what to change. Conversion: ``threshold`` 1e-5 is the largest removed-row norm that counts
+as decayed; ``verify_tolerance`` (``None``: 1e-10 in float64, 1e-5 otherwise) bounds the converted
+model's error; ``round_to`` makes kept widths multiples of it.
 """
 from __future__ import annotations
 
@@ -22,36 +48,46 @@ from dataclasses import dataclass
 from typing import Literal
 
 Mode = Literal["residual", "paper"]
+Recipe = Literal["auto", "paper", "budget"]
+Score = Literal["taylor", "fused", "norm"]
 
 
 @dataclass(frozen=True)
 class ResRepConfig:
-    """Hyper-parameters of ResRep.
+    """Hyper-parameters of ResRep (see the module docstring for what each recipe does).
 
     ``flops_target`` is the fraction of the original MACs to *keep* (0.471 = 52.9% reduction).
     ``mode="residual"`` puts compactors on every prunable channel group, residual-coupled ones
     included (stem, projection shortcuts, last conv of each block); ``mode="paper"`` restricts them
     to groups with a single producer (the internal layers of residual blocks), as in the paper.
-    ``verify_tolerance`` bounds the conversion's max error relative to max|y| (``None``: 1e-10 for
-    float64 models, 1e-5 otherwise); ``on_inexact`` says whether a larger error raises or warns.
-    ``round_to`` makes every group's kept width a multiple of it (e.g. 8, so that MAC savings become
-    latency savings on vectorised kernels); 1, the paper's setting, keeps any width.
     """
 
     flops_target: float = 0.471
+    recipe: Recipe = "auto"
+    mode: Mode = "residual"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    bias_lr_factor: float | None = None
+    compactor_momentum: float | None = None
     lasso_strength: float = 1e-4
+    residual_lasso: bool | None = None
+    # the paper recipe's schedule
     mask_interval: int = 200
     before_mask_iters: int | None = None
     before_mask_epochs: int = 5
     mask_stop_iters: int | None = None
     begin_granularity: int = 4
+    # the budget recipe's schedule
+    score: Score | None = None
+    score_momentum: float = 0.95
+    mask_rounds: int = 20
+    mask_start_fraction: float = 0.02
+    mask_end_fraction: float = 0.25
+    freeze_fraction: float = 0.30
+    auto_switch_iters: int | None = None
+    # both
     num_at_least: int = 1
-    compactor_momentum: float = 0.99
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    bias_lr_factor: float = 2.0
-    mode: Mode = "residual"
     threshold: float = 1e-5
     verify_tolerance: float | None = None
     on_inexact: Literal["raise", "warn"] = "raise"
@@ -62,40 +98,48 @@ class ResRepConfig:
             raise ValueError(
                 f"flops_target must lie in (0, 1) (the fraction of the original MACs to keep), "
                 f"got {self.flops_target!r}; e.g. 0.471 keeps 47.1% (a 52.9% reduction)")
-        if self.mode not in ("residual", "paper"):
-            raise ValueError(f"mode must be 'residual' or 'paper', got {self.mode!r}")
-        if self.on_inexact not in ("raise", "warn"):
-            raise ValueError(f"on_inexact must be 'raise' or 'warn', got {self.on_inexact!r}")
-        for name in ("mask_interval", "begin_granularity", "num_at_least", "before_mask_epochs", "round_to"):
+        for name, allowed in (("mode", ("residual", "paper")), ("recipe", ("auto", "paper", "budget")),
+                              ("on_inexact", ("raise", "warn")), ("score", (None, "taylor", "fused", "norm"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("mask_interval", "begin_granularity", "num_at_least", "before_mask_epochs", "round_to",
+                     "mask_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "before_mask_epochs" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.mask_stop_iters is not None and (
-                not isinstance(self.mask_stop_iters, int) or self.mask_stop_iters < 0):
-            raise ValueError(f"mask_stop_iters must be None or an integer >= 0, got {self.mask_stop_iters!r}")
-        if self.before_mask_iters is not None and (
-                not isinstance(self.before_mask_iters, int) or self.before_mask_iters < 0):
-            raise ValueError(f"before_mask_iters must be None or an integer >= 0, got {self.before_mask_iters!r}")
+        for name in ("mask_stop_iters", "before_mask_iters", "auto_switch_iters"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
         for name in ("lasso_strength", "lr", "momentum", "weight_decay", "bias_lr_factor",
                      "compactor_momentum", "threshold"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("score_momentum", "compactor_momentum"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+        fractions = (self.mask_start_fraction, self.mask_end_fraction, self.freeze_fraction)
+        if not (0.0 <= fractions[0] < fractions[1] < fractions[2] <= 1.0):
+            raise ValueError(
+                "the budget schedule needs 0 <= mask_start_fraction < mask_end_fraction < freeze_fraction <= 1, "
+                f"got {fractions}")
 
     def mask_start(self, iters_per_epoch: int | None) -> int:
-        """Iterations before the first mask update: ``before_mask_iters``, else
+        """Paper recipe: iterations before the first mask update: ``before_mask_iters``, else
         ``before_mask_epochs * iters_per_epoch``."""
         if self.before_mask_iters is not None:
             return self.before_mask_iters
         if iters_per_epoch is None or iters_per_epoch < 1:
             raise ValueError(
-                "ResRepConfig.before_mask_iters is None (= before_mask_epochs epochs), so ResRep needs "
+                "ResRepConfig.before_mask_iters is None (= before_mask_epochs epochs), so the paper recipe needs "
                 "iters_per_epoch: pass ResRep(..., iters_per_epoch=len(train_loader)) or set before_mask_iters")
         return self.before_mask_epochs * iters_per_epoch
 
     def is_mask_update(self, iteration: int, iters_per_epoch: int | None) -> bool:
-        """Whether a mask update runs after ``iteration``: ``iteration - start`` is a positive
-        multiple of ``mask_interval``."""
+        """Paper recipe: whether a mask update runs after ``iteration``: ``iteration - start`` is a
+        positive multiple of ``mask_interval`` (and ``iteration`` is not past ``mask_stop_iters``)."""
         elapsed = iteration - self.mask_start(iters_per_epoch)
         if self.mask_stop_iters is not None and iteration > self.mask_stop_iters:
             return False

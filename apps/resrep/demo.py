@@ -5,10 +5,10 @@
 3. Convert to the plain narrow network (BN folded, compactors merged, channels removed) and verify it.
 4. Evaluate both networks on the held-out digits and print the comparison.
 
-The ResRep schedule is compressed to the demo's 660 iterations: masks start after 2 epochs and are
-re-selected every 4 iterations, 4 more channels per round, and a 100x stronger group-lasso (1e-2) at
-lr 0.03 shrinks masked compactor rows by up to 0.03 per iteration (lr·λ/(1 - 0.99)), so they reach ≈0
-within the run; the largest removed row norm is printed.
+ResRep runs its default recipe, ``auto``, which picks the budget recipe for the demo's 660 iterations:
+Taylor-scored channels masked in 20 front-loaded rounds over the first quarter of the run, masked rows
+fading to exactly 0 by 30% of it, then fine-tuning with every penalty off. The conversion is exact by
+construction (largest removed compactor row 0) and verified.
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ from .models import DigitsResNet
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
-DEMO_CONFIG = ResRepConfig(flops_target=0.5, lasso_strength=1e-2, mask_interval=4, before_mask_iters=44,
-                           begin_granularity=4, lr=0.03, weight_decay=1e-4)
+DEMO_CONFIG = ResRepConfig(flops_target=0.5, lr=0.03, weight_decay=1e-4)
 BASE_EPOCHS, PRUNE_EPOCHS, SEED = 20, 30, 0
 
 
@@ -63,10 +62,11 @@ def _run(out, say, base_epochs: int, prune_epochs: int, config: ResRepConfig) ->
 
     say(f"[2/4] ResRep to {config.flops_target:.0%} of the MACs ({prune_epochs} epochs)")
     example = next(iter(test_loader))[0][:1]  # MACs are counted for the traced batch: one image
-    rr = ResRep(model, example, config, iters_per_epoch=len(train_loader))
-    optimizer = torch.optim.SGD(rr.param_groups(), lr=config.lr)
-    fit(rr.model, train_loader, test_loader, epochs=prune_epochs, optimizer=optimizer, hooks=rr,
-        device=device, progress=False)
+    rr = ResRep(model, example, config, iters_per_epoch=len(train_loader), total_iters=prune_epochs * len(train_loader))
+    optimizer = rr.optimizer()
+    fit(rr.model, train_loader, test_loader, epochs=prune_epochs, optimizer=optimizer,
+        scheduler=rr.lr_scheduler(optimizer), hooks=rr, device=device, progress=False)
+    rr.check_target()
 
     say("[3/4] converting to the plain narrow network and verifying it")
     verify = torch.cat([x for x, _ in test_loader])
@@ -84,7 +84,7 @@ def _run(out, say, base_epochs: int, prune_epochs: int, config: ResRepConfig) ->
         "max_rel_error": report.max_rel_error, "max_rel_error_vs_trained": report.max_rel_error_vs_trained,
         "largest_removed_norm": report.largest_removed_norm, "widths_before": report.widths_before,
         "widths_after": report.widths_after, "wall_time_s": time.perf_counter() - t0,
-        "config": dataclasses.asdict(config),
+        "config": dataclasses.asdict(config), "plan": rr.plan.describe(),
     }
     say(f"\nbase accuracy     {base['acc']:6.2f} %\n"
         f"pruned accuracy   {pruned['acc']:6.2f} %   (drop {summary['accuracy_drop']:+.2f} points)\n"

@@ -202,8 +202,12 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
         channels_last: bool = False, log_dir: str | Path | None = None, device: torch.device | str | None = None,
         eval_every: int = 1, checkpoint_every: int = 0, progress: bool = True,
         metrics: Callable[[], Mapping[str, float]] | None = None, loss_fn: Callable | None = None,
-        meta: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        meta: Mapping[str, Any] | None = None, max_steps: int | None = None) -> list[dict[str, Any]]:
     """Train `model` for `epochs` and return the per-epoch history (the rows of ``log.csv``).
+
+    ``max_steps`` ends training after that many iterations in all, inside an epoch if need be (that
+    epoch's row is logged, validated and checkpointed as an epoch end); the default cosine then spans
+    ``max_steps``.
 
     Per iteration: forward under `autocast`, loss, finite check (all ranks agree), backward (DDP
     all-reduces), unscale (fp16), ``hooks.after_backward()``, optimizer step, scheduler step
@@ -218,8 +222,9 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
         model.to(memory_format=torch.channels_last)
     _set_epoch(train_loader, 0, 0)
     iters_per_epoch = len(train_loader)
+    total_steps = epochs * iters_per_epoch if max_steps is None else min(max_steps, epochs * iters_per_epoch)
     if scheduler is None:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * iters_per_epoch))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     log_dir = Path(log_dir) if log_dir is not None else None
@@ -260,7 +265,7 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
     writer = _tensorboard(log_dir, step)
     main = is_main_process()
     try:
-        while epoch < epochs:
+        while epoch < epochs and step < total_steps:
             skip = _set_epoch(train_loader, epoch, start_batch)
             batches = itertools.islice(iter(train_loader), skip, None)
             if resumed_rng is not None:  # creating the iterator drew from the RNG; mid-epoch it must not count
@@ -300,6 +305,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
                 sums["n"] += len(y)
                 if main and progress and b % 10 == 0:
                     bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if step >= total_steps:
+                    break
                 if checkpoint_every and step % checkpoint_every == 0 and b + 1 < iters_per_epoch:
                     sums["time"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
@@ -310,7 +317,8 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
                                    "train_loss": sums["loss"] / max(sums["n"], 1),
                                    "train_acc": 100.0 * sums["correct"] / max(sums["n"], 1),
                                    "epoch_time_s": sums["time"]}
-            if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+            last = epoch + 1 == epochs or step >= total_steps
+            if val_loader is not None and ((epoch + 1) % eval_every == 0 or last):
                 ev = evaluate(model, val_loader, device=device, amp=amp, channels_last=channels_last, loss_fn=loss_fn)
                 row.update(val_loss=ev["loss"], val_acc=ev["acc"])
             if metrics is not None:

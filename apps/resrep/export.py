@@ -83,6 +83,13 @@ _WRITERS = {"state_dict": (".pt", _state_dict_check), "torchscript": (".ts", _to
             "onnx": (".onnx", _onnx_check)}
 
 
+def check_formats(formats: Sequence[str]) -> None:
+    """ExportError naming the formats this module cannot write (checked before any training)."""
+    unknown = [f for f in formats if f not in _WRITERS]
+    if unknown:
+        raise ExportError(f"unknown export formats {unknown}; choose from {FORMATS}")
+
+
 def export_model(model: nn.Module, example_inputs: torch.Tensor, out_dir: str | Path, *, name: str = "model",
                  formats: Sequence[str] = FORMATS, tolerance: float = 1e-5,
                  extra: Mapping[str, Any] | None = None) -> list[ExportResult]:
@@ -91,9 +98,7 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor, out_dir: str | 
     The export runs on a float32 CPU copy in eval mode (the model itself is untouched). `extra` is
     stored beside the state_dict (e.g. the architecture and channel widths needed to rebuild it).
     """
-    unknown = [f for f in formats if f not in _WRITERS]
-    if unknown:
-        raise ExportError(f"unknown export formats {unknown}; choose from {FORMATS}")
+    check_formats(formats)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(model).cpu().float().eval()

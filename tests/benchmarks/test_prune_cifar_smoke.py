@@ -77,46 +77,54 @@ def test_l1_oneshot_meets_the_macs_target():
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_resrep_schedule_scales_with_the_budget_and_depth():
-    schedule = _load_script().resrep_schedule
-    # the schedule the ResNet-20 quick runs used: 8 epochs of 782 iterations
-    assert schedule(6256, 3) == {"before": 782, "stop": 3500, "interval": 40, "granularity": 4, "lasso": 1e-3}
-    # ResNet-56 over 2 epochs: same fractions, rounds and total lasso pull, 3x the channels per round
-    short = schedule(1564, 9)
-    assert short == {"before": 196, "stop": 875, "interval": 10, "granularity": 12, "lasso": pytest.approx(4e-3)}
-    assert (short["stop"] - short["before"]) // short["interval"] >= 67
-    assert schedule(10, 3)["interval"] == 1
+def test_seeds_aggregate_into_mean_and_spread():
+    bench = _load_script()
+    rows = [{"target": 0.471, "method": "l1-oneshot", "variant": "", "seed": s, "status": "done", "accuracy_after": a,
+             "accuracy_drop": 87.0 - a, "macs": 10.0, "macs_reduction": 0.5, "params": 5.0, "params_reduction": 0.4,
+             "train_time_s": 60.0, "wall_time_s": 70.0} for s, a in ((0, 80.0), (1, 82.0), (2, 84.0))]
+    rows.append({"target": 0.471, "method": "l1-oneshot", "variant": "", "seed": 3, "status": "failed", "error": "boom"})
+    (entry,) = bench.aggregate(rows)
+    assert entry["seeds"] == [0, 1, 2] and entry["failed"] == {3: "boom"}
+    assert entry["accuracy_mean"] == pytest.approx(82.0) and entry["accuracy_std"] == pytest.approx(2.0)
+    assert entry["drop_mean"] == pytest.approx(5.0) and "latency_ms" not in entry
 
 
 @pytest.mark.slow
 def test_benchmark_end_to_end_and_reuse(tmp_path):
     data = fake_shared_data(tmp_path / "data")
-    common = [sys.executable, str(SCRIPT), "--data", str(data), "--epochs", "2", "--threads", "1", "--repeats", "1",
+    common = [sys.executable, str(SCRIPT), "--data", str(data), "--epochs", "3", "--threads", "1", "--repeats", "1",
               "--train-limit", "64", "--test-limit", "32", "--out", str(tmp_path / "runs"),
               "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results")]
+    result = tmp_path / "results" / "prune_cifar_quick_e3.json"
 
-    def run(*extra: str) -> tuple[str, list[dict]]:
+    def run(*extra: str) -> tuple[str, dict]:
         done = subprocess.run([*common, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout, json.loads((tmp_path / "results" / "prune_cifar_quick.json").read_text())["results"]
+        return done.stdout, json.loads(result.read_text())
 
-    stdout, rows = run("--methods", "a,b,c,d")
-    by_method = {r["method"]: r for r in rows}
+    stdout, payload = run("--methods", "a,b,c,d", "--targets", "0.471", "--seeds", "0", "--jobs", "2")
+    by_method = {r["method"]: r for r in payload["results"]}
     assert list(by_method) == ["resrep-paper", "resrep-residual", "tp-groupnorm", "l1-oneshot"]
-    assert all(r["status"] == "done" for r in rows), rows
-    for method in ("tp-groupnorm", "l1-oneshot"):  # these prune at once, so they meet the target exactly
-        assert by_method[method]["macs_kept"] <= 0.471
+    assert all(r["status"] == "done" for r in payload["results"]), payload["results"]
+    for r in payload["results"]:  # every method meets the target; ResRep's budget recipe exactly (removed rows 0)
+        assert r["macs_kept"] <= 0.471, r
+    assert by_method["resrep-residual"]["largest_removed_norm"] == 0.0
+    assert by_method["resrep-residual"]["plan"]["recipe"] == "budget"
     assert set(by_method["l1-oneshot"]["latency_ms"]) == {"1", "64"}
-    assert "| 0.471 | l1-oneshot |" in stdout
+    assert "| 0.471 | l1-oneshot | 1 |" in stdout
 
-    # b and d at 0.471 are reused, not rerun; curve targets run for b (and c) only; 1e-4 of the MACs is below
-    # every method's floor: recorded, no crash
-    stdout, curve = run("--methods", "b,d", "--curve-targets", "0.0001")
-    assert "[resrep-residual] " not in stdout and "[l1-oneshot] " not in stdout
-    assert [(r["method"], r["target"], r["status"]) for r in curve] == [
-        ("resrep-residual", 0.471, "done"), ("l1-oneshot", 0.471, "done"), ("resrep-residual", 0.0001, "failed")]
-    assert "out of reach" in curve[2]["error"], curve[2]
-    assert curve[1]["accuracy_after"] == by_method["l1-oneshot"]["accuracy_after"]
-    assert "| 0.0001 | resrep-residual | failed: " in stdout
-    assert (tmp_path / "results" / "prune_cifar_quick_curve.png").stat().st_size > 0
+    # b and d at 0.471 are reused, not rerun; a second seed runs; 1e-4 of the MACs is below every
+    # method's floor: recorded, no crash
+    stdout, payload = run("--methods", "b,d", "--targets", "0.471,0.0001", "--seeds", "0,1")
+    assert "[resrep-residual@0.471 seed 0] " not in stdout and "[l1-oneshot@0.471 seed 0] " not in stdout
+    assert "[l1-oneshot@0.471 seed 1] running" in stdout
+    status = [(r["method"], r["target"], r["seed"], r["status"]) for r in payload["results"]]
+    assert status[:4] == [("resrep-residual", 0.471, 0, "done"), ("resrep-residual", 0.471, 1, "done"),
+                          ("l1-oneshot", 0.471, 0, "done"), ("l1-oneshot", 0.471, 1, "done")]
+    assert {s[3] for s in status[4:]} == {"failed"}
+    assert "out of reach" in payload["results"][4]["error"]
+    assert payload["results"][2]["accuracy_after"] == by_method["l1-oneshot"]["accuracy_after"]
+    assert payload["summary"][0]["seeds"] == [0, 1] and payload["summary"][0]["accuracy_std"] is not None
+    assert "| 0.0001 | resrep-residual | | seed 0 failed: " in stdout
+    assert (tmp_path / "results" / "prune_cifar_quick_e3_curve.png").stat().st_size > 0

@@ -51,7 +51,7 @@ def test_train_prune_eval_export(base_run, tmp_path, capsys):
     assert summary["epochs"] == 2 and summary["macs"] > 0 and (base_run / "history.png").is_file()
     out = tmp_path / "prune"
     assert main(["prune", *RUN, "--checkpoint", str(base_run / "last.pt"), "--out", str(out), "--epochs", "2",
-                 "--flops-target", "0.7", "--before-mask-iters", "0", "--mask-interval", "2",
+                 "--recipe", "paper", "--flops-target", "0.7", "--before-mask-iters", "0", "--mask-interval", "2",
                  "--begin-granularity", "8", "--lasso-strength", "1e-2"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["macs_after"] <= 0.75 * s["macs_before"] and s["max_rel_error"] <= 1e-5
@@ -71,6 +71,22 @@ def test_train_prune_eval_export(base_run, tmp_path, capsys):
     torch.testing.assert_close(ts(x), ref(x))
     err = _fail(capsys, ["prune", *RUN, "--checkpoint", str(base_run / "last.pt"), "--out", str(out)])
     assert "--resume" in err
+
+
+def test_a_run_that_misses_its_target_fails_loudly(base_run, tmp_path, capsys):
+    """The paper recipe over one short epoch never starts masking: exit 2, by how much, what to change;
+    the outputs are still written and say so."""
+    out = tmp_path / "short"
+    err = _fail(capsys, ["prune", *RUN, "--checkpoint", str(base_run / "last.pt"), "--out", str(out), "--epochs", "1",
+                         "--recipe", "paper", "--flops-target", "0.5", "--formats", "state_dict"])
+    assert "above flops_target=0.5 by 0.5000" in err and "recipe='budget'" in err
+    assert json.loads((out / "summary.json").read_text())["target_met"] is False
+    ok = tmp_path / "auto"  # the default recipe meets the same target in the same epoch
+    assert main(["prune", *RUN, "--checkpoint", str(base_run / "last.pt"), "--out", str(ok), "--epochs", "1",
+                 "--flops-target", "0.5", "--formats", "state_dict"]) == 0
+    s = json.loads((ok / "summary.json").read_text())
+    assert s["target_met"] and s["plan"]["recipe"] == "budget" and s["macs_after"] <= 0.5 * s["macs_before"]
+    assert s["largest_removed_norm"] == 0.0
 
 
 def test_bad_flops_target(base_run, tmp_path, capsys):

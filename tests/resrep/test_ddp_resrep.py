@@ -1,7 +1,8 @@
-"""DDP: two gloo processes on half batches give the masks and weights of one process on the full batch."""
+"""DDP: two gloo processes on half batches give the masks and weights of one process on the full batch,
+for both recipes (the budget recipe's Taylor scores come from the all-reduced gradients)."""
 from __future__ import annotations
 
-
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,8 +12,12 @@ from torch import nn
 from apps.resrep import ResRep, ResRepConfig
 
 STEPS = 8
-CONFIG = ResRepConfig(flops_target=0.55, before_mask_iters=1, mask_interval=2, begin_granularity=3,
-                      lasso_strength=2e-2, lr=0.05)
+CONFIGS = {
+    "paper": ResRepConfig(recipe="paper", flops_target=0.55, before_mask_iters=1, mask_interval=2,
+                          begin_granularity=3, lasso_strength=2e-2, lr=0.05),
+    "budget": ResRepConfig(recipe="budget", flops_target=0.55, lr=0.05, mask_rounds=3, mask_end_fraction=0.5,
+                           freeze_fraction=0.75),
+}
 
 
 class ResidualNet(nn.Module):
@@ -37,7 +42,7 @@ def data():
 
 
 def run(model: nn.Module, rr: ResRep, x, y) -> list[dict[int, torch.Tensor]]:
-    opt = torch.optim.SGD(rr.param_groups(), lr=CONFIG.lr)
+    opt = rr.optimizer()
     history = []
     for it in range(STEPS):
         opt.zero_grad()
@@ -49,16 +54,16 @@ def run(model: nn.Module, rr: ResRep, x, y) -> list[dict[int, torch.Tensor]]:
     return history
 
 
-def make() -> ResRep:
+def make(recipe: str) -> ResRep:
     torch.manual_seed(0)
-    return ResRep(ResidualNet().double(), data()[0][:2], CONFIG)
+    return ResRep(ResidualNet().double(), data()[0][:2], CONFIGS[recipe], total_iters=STEPS)
 
 
-def worker(rank: int, world: int, init_file: str, out: str) -> None:
+def worker(rank: int, world: int, init_file: str, out: str, recipe: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        rr = make()
+        rr = make(recipe)
         ddp = nn.parallel.DistributedDataParallel(rr.model)
         x, y = data()
         half = len(x) // world
@@ -68,13 +73,14 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one(tmp_path):
-    single = make()
+@pytest.mark.parametrize("recipe", sorted(CONFIGS))
+def test_two_gloo_processes_match_one(tmp_path, recipe):
+    single = make(recipe)
     x, y = data()
     expected = run(single.model, single, x, y)
     assert any(not m.all() for m in expected[-1].values())  # masking did happen
     # fork: the workers inherit the imported modules instead of importing torch and the app again
-    mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True,
+    mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), recipe), nprocs=2, join=True,
                        start_method="fork")
     for rank in range(2):
         got = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=True)

@@ -147,7 +147,8 @@ def test_deploy_shell_with_the_plan_rebuilds_option_a_exactly():
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    rr = ResRep(CifarResNet(20, shortcut="A").double(), x, ResRepConfig(flops_target=0.5, begin_granularity=10**6))
+    rr = ResRep(CifarResNet(20, shortcut="A").double(), x, ResRepConfig(recipe="paper", flops_target=0.5,
+                                                                              begin_granularity=10**6))
     with torch.no_grad():
         for _, compactor in rr.compactors():
             compactor.weight.mul_(torch.rand(compactor.weight.shape[0], 1, 1, 1, dtype=torch.float64) + 0.5)

@@ -1,0 +1,233 @@
+"""The two ResRep recipes: the paper's constants, the budget recipe's forgetting, masks, penalties and lr shape,
+the auto switch, and a missed target."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apps.resrep import ResRep, ResRepConfig, TargetMissedError
+from apps.resrep.models import DigitsResNet
+from apps.resrep.recipe import paper_min_iters, resolve
+
+X = torch.randn(16, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+Y = torch.arange(16) % 10
+
+
+def budget(total: int = 60, **kw) -> ResRep:
+    torch.manual_seed(0)
+    cfg = ResRepConfig(recipe="budget", flops_target=0.5, lr=0.05, **kw)
+    return ResRep(DigitsResNet(width=8).double(), X[:2], cfg, total_iters=total)
+
+
+def step(rr: ResRep, opt, sched, it: int) -> None:
+    opt.zero_grad()
+    F.cross_entropy(rr.model(X), Y).backward()
+    rr.after_backward()
+    opt.step()
+    sched.step()
+    rr.after_step(it)
+
+
+def masked_rows(rr: ResRep) -> dict[str, torch.Tensor]:
+    return {s.module: c.weight.detach()[~rr.row_keep(s)].flatten(1) for s, c in rr.compactors()}
+
+
+def test_paper_recipe_constants_match_the_spec():
+    cfg = ResRepConfig(recipe="paper")
+    assert (cfg.flops_target, cfg.lasso_strength, cfg.mask_interval, cfg.before_mask_epochs, cfg.begin_granularity,
+            cfg.num_at_least, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.threshold) == \
+        (0.471, 1e-4, 200, 5, 4, 1, 0.01, 0.9, 1e-4, 1e-5)
+    plan = resolve(cfg, None, 781)
+    assert (plan.recipe, plan.bias_lr_factor, plan.compactor_momentum, plan.residual_lasso, plan.score) == \
+        ("paper", 2.0, 0.99, True, "norm")
+    assert not plan.cumulative
+    assert cfg.mask_start(781) == 3905 and not plan.is_mask_update(3905) and plan.is_mask_update(4105)
+    assert not plan.is_mask_update(4106) and plan.is_mask_update(4305)
+    groups = {g["name"]: g for g in ResRep(DigitsResNet(width=8).double(), X[:2], cfg).param_groups()}
+    assert groups["compactor"]["momentum"] == 0.99 and groups["compactor"]["weight_decay"] == 0
+    assert groups["bias"]["lr"] == pytest.approx(0.02) and groups["weight"]["weight_decay"] == 1e-4
+    full = resolve(cfg, 374_880, 781)
+    assert full.lr_factor(0) == 1.0 and full.lr_factor(374_880 // 2) == pytest.approx(0.5)
+    assert full.lr_factor(374_880) == pytest.approx(0.0, abs=1e-12)
+    assert full.lasso(10**6) == 1e-4  # the paper never turns its penalty off
+
+
+def test_budget_plan_is_front_loaded_and_ends_at_the_target():
+    plan = resolve(ResRepConfig(recipe="budget", flops_target=0.4), 1000, 100)
+    assert (plan.mask_start, plan.mask_end, plan.freeze, plan.forget_iters) == (20, 250, 300, 50)
+    goals = [plan.rounds[i] for i in sorted(plan.rounds)]
+    assert len(goals) == 20 and max(plan.rounds) == 250 and goals[-1] == pytest.approx(0.4)
+    assert all(a > b for a, b in zip(goals, goals[1:]))
+    removed = [1.0 - g for g in goals]  # cubic: half of the channels' MACs go within the first 4 rounds
+    assert removed[3] >= 0.45 * removed[-1]
+    assert [plan.lr_factor(t) for t in (0, 299, 300)] == [1.0, 1.0, 1.0]
+    assert plan.lr_factor(650) == pytest.approx(0.5) and plan.lr_factor(1000) == pytest.approx(0.0, abs=1e-12)
+    assert plan.lasso(299) == 1e-4 and plan.lasso(300) == 0.0
+    fade = plan.fade(torch.tensor([0, 25, 49, 50, 80]))
+    assert fade[:3].tolist() == pytest.approx([1.0, 0.5, 0.02]) and fade[3:].tolist() == [0.0, 0.0]  # exact zeros
+
+
+def test_forgetting_reaches_exact_zero_on_the_stated_iteration_and_conversion_is_exact():
+    rr = budget(total=60)
+    plan = rr.plan
+    opt, seen = rr.optimizer(), {}
+    sched = rr.lr_scheduler(opt)
+    masks_before = {g: m.clone() for g, m in rr.masks.items()}
+    for it in range(60):
+        step(rr, opt, sched, it)
+        for gid, m in rr.masks.items():
+            assert not bool((m & ~masks_before[gid]).any())  # cumulative: a masked channel never returns
+        masks_before = {g: m.clone() for g, m in rr.masks.items()}
+        if it > plan.mask_end:
+            assert rr.iteration == it and not plan.is_mask_update(it)
+        for gid, at in rr.masked_at.items():
+            for c in (at >= 0).nonzero().flatten().tolist():
+                seen.setdefault((gid, c), int(at[c]))
+        for site, c in rr.compactors():  # every masked row: zero exactly from masked_at + forget_iters on
+            for gid, rows, channels in site.slices:
+                at = rr.masked_at[gid][channels]
+                rows_w = c.weight.detach()[rows].flatten(1)
+                done = (at >= 0) & (it - at >= plan.forget_iters)
+                fading = (at >= 0) & (it - at < plan.forget_iters) & (it - at >= 0)
+                assert bool((rows_w[done] == 0).all())
+                assert bool((rows_w[fading].abs().sum(1) > 0).all())
+        if it == plan.freeze - 1:
+            assert max(float(r.abs().max()) if r.numel() else 0.0 for r in masked_rows(rr).values()) == 0.0
+    assert seen and max(seen.values()) <= plan.mask_end  # every channel was masked by the last round
+    assert rr.macs() <= rr.target_macs
+    rr.check_target()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "had not decayed", no inexact warning
+        deploy, report = rr.convert()
+    assert report.largest_removed_norm == 0.0 and report.max_rel_error <= 1e-10
+    assert report.max_rel_error_vs_trained <= 1e-10  # the deploy model is the trained one
+
+
+def test_budget_gradients_masked_rows_none_kept_rows_light_and_penalty_off_after_freeze():
+    rr = budget(total=40)
+    opt = rr.optimizer()
+    sched = rr.lr_scheduler(opt)
+    for it in range(rr.plan.mask_end + 1):
+        step(rr, opt, sched, it)
+    assert any(not m.all() for m in rr.masks.values())
+    for phase in ("before", "after"):
+        if phase == "after":
+            for it in range(rr.plan.mask_end + 1, rr.plan.freeze + 1):
+                step(rr, opt, sched, it)
+        opt.zero_grad()
+        F.cross_entropy(rr.model(X), Y).backward()
+        raw = {s.module: c.weight.grad.clone() for s, c in rr.compactors()}
+        rr.after_backward()
+        for site, c in rr.compactors():
+            keep = rr.row_keep(site)
+            g, w = c.weight.grad.flatten(1), c.weight.detach().flatten(1)
+            assert bool((g[~keep] == 0).all())  # masked rows: neither task gradient nor penalty
+            single = rr._lasso_rows[site.module] & keep
+            lasso = 1e-4 if phase == "before" else 0.0
+            expected = raw[site.module].flatten(1)[keep] + lasso * (w / w.norm(dim=1, keepdim=True))[keep] * \
+                single[keep].double().reshape(-1, 1)
+            assert torch.allclose(g[keep], expected, rtol=1e-12, atol=1e-15)
+
+
+def test_masking_clears_the_momentum_of_the_masked_rows():
+    rr = budget(total=60)
+    opt = rr.optimizer()
+    sched = rr.lr_scheduler(opt)
+    for it in range(rr.plan.mask_start):
+        step(rr, opt, sched, it)
+    first = min(rr.plan.rounds)
+    for it in range(rr.plan.mask_start, first):
+        step(rr, opt, sched, it)
+    momentum = {s.module: opt.state[c.weight]["momentum_buffer"].clone() for s, c in rr.compactors()}
+    step(rr, opt, sched, first)  # the first round masks channels
+    newly = [(s, c) for s, c in rr.compactors() if bool((~rr.row_keep(s)).any())]
+    assert newly
+    for site, c in newly:
+        buf = opt.state[c.weight]["momentum_buffer"]
+        assert bool((buf[~rr.row_keep(site)] == 0).all())
+        assert not torch.equal(buf, momentum[site.module])
+
+
+def test_taylor_score_is_the_first_order_loss_change_of_removing_a_channel():
+    """t_c = Σ Q_ci ∂L/∂Q_ci = dL/dα at α = 1 when channel c's compactor rows are scaled by α."""
+    rr = budget(total=100, score_momentum=0.0)
+    rr.iteration = rr.plan.mask_start  # a step whose gradient feeds the scores
+    rr.model.zero_grad()
+    F.cross_entropy(rr.model(X), Y).backward()
+    rr.after_backward()
+    group = max(rr.groups, key=lambda g: len(g.producers))  # a residual-coupled group: several compactors
+    assert len(group.producers) > 1
+    for c in (0, group.size - 1):
+        def loss_at(alpha: float) -> float:
+            with torch.no_grad():
+                saved = [(comp, comp.weight.clone()) for _, comp in rr.compactors()]
+                for site, comp in rr.compactors():
+                    for gid, rows, channels in site.slices:
+                        if gid == group.id:
+                            comp.weight[rows[channels == c]] *= alpha
+                out = float(F.cross_entropy(rr.model(X), Y))
+                for comp, w in saved:
+                    comp.weight.copy_(w)
+            return out
+        h = 1e-6
+        derivative = (loss_at(1 + h) - loss_at(1 - h)) / (2 * h)
+        assert float(rr.taylor[group.id][c]) == pytest.approx(derivative ** 2, rel=1e-5, abs=1e-16)
+
+
+@pytest.mark.parametrize("score", ["taylor", "fused", "norm"])
+def test_every_score_meets_the_target_exactly(score):
+    rr = budget(total=30, score=score)
+    opt = rr.optimizer()
+    sched = rr.lr_scheduler(opt)
+    for it in range(30):
+        step(rr, opt, sched, it)
+    rr.check_target()
+    scores = rr.channel_scores()
+    assert set(scores) == set(rr.masks) and all(s.dtype == torch.float64 for s in scores.values())
+    if score != "norm":  # normalised per group
+        assert all(float(s.mean()) == pytest.approx(1.0) for s in scores.values() if float(s.abs().sum()) > 0)
+
+
+def test_auto_switches_by_the_run_length():
+    torch.manual_seed(0)
+    net = DigitsResNet(width=8).double()
+    short = ResRep(net, X[:2], ResRepConfig(), iters_per_epoch=100, total_iters=5_000)
+    assert short.plan.recipe == "budget"
+    needed = paper_min_iters(short.config, short._channels_to_mask(), 100)
+    assert needed == pytest.approx(500 + math.ceil(short._channels_to_mask() / 4) * 200 + 0.01 / 1e-6)
+    long = ResRep(net, X[:2], ResRepConfig(), iters_per_epoch=100, total_iters=math.ceil(needed / 0.3))
+    edge = ResRep(net, X[:2], ResRepConfig(), iters_per_epoch=100, total_iters=math.floor(needed / 0.3) - 1)
+    assert (long.plan.recipe, edge.plan.recipe) == ("paper", "budget")
+    forced = ResRep(net, X[:2], ResRepConfig(auto_switch_iters=4_000), iters_per_epoch=100, total_iters=5_000)
+    assert forced.plan.recipe == "paper"
+    assert short.param_groups()[0]["lr"] == 0.01  # the recipe's values fill what the config leaves at None
+    assert {g["name"]: g["momentum"] for g in short.param_groups()}["compactor"] == 0.9
+
+
+def test_missed_target_says_by_how_much_and_what_to_change():
+    rr = ResRep(DigitsResNet(width=8).double(), X[:2], ResRepConfig(recipe="paper", flops_target=0.5),
+                iters_per_epoch=10, total_iters=10)
+    with pytest.raises(TargetMissedError, match=r"above flops_target=0\.5 by 0\.5000.*recipe='budget'"):
+        rr.check_target()
+    early = budget(total=60)
+    opt = early.optimizer()
+    sched = early.lr_scheduler(opt)
+    for it in range(min(early.plan.rounds) + 1):
+        step(early, opt, sched, it)
+    with pytest.raises(TargetMissedError, match="train all of it"):
+        early.check_target()
+
+
+def test_bad_recipe_settings_are_refused():
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        ResRepConfig(recipe="fast")
+    with pytest.raises(ValueError, match="mask_start_fraction < mask_end_fraction < freeze_fraction"):
+        ResRepConfig(mask_end_fraction=0.4, freeze_fraction=0.3)
+    with pytest.raises(ValueError, match="score must be one of"):
+        ResRepConfig(score="l1")
+    with pytest.raises(ValueError, match="at least 3 iterations"):
+        resolve(ResRepConfig(recipe="budget"), 2, 1)
