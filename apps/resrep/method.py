@@ -419,13 +419,15 @@ class ResRep:
                 w.mul_(f.to(w.device, w.dtype).reshape(-1, *([1] * (w.ndim - 1))))
 
     def channel_scores(self) -> dict[int, Tensor]:
-        """Per candidate group, the recipe's score of each channel (float64, CPU).
+        """Per candidate group, the recipe's score of each channel (float64, CPU); low scores go first.
 
-        ``norm`` (paper): the RMS of its compactor rows' L2 norms, unnormalised. ``fused``: the RMS of
+        ``norm``: the RMS of its compactor rows' L2 norms (the paper's metric); ``fused``: the RMS of
         the norms of its fused filter rows (Q·diag(γ/σ)·W)_c; ``taylor``: the averaged squared
-        first-order loss change of removing it; both divided by their group's mean, so that one global
-        ranking compares layers of any size and scale."""
-        score = self.plan.score
+        first-order loss change of removing it. The paper recipe ranks the raw scores. The budget recipe
+        divides each group's scores by their mean (``score_normalize``) and then by the MACs one channel
+        of the group costs at the current widths, relative to the mean cost (``score_per_mac``), so one
+        global ranking trades importance against MACs saved."""
+        c, score = self.config, self.plan.score
         if score == "taylor":
             raw = {gid: t.detach().to("cpu", torch.float64) for gid, t in self.taylor.items()}
         else:
@@ -435,9 +437,22 @@ class ResRep:
                 for gid, r, ch in site.slices:
                     rows[gid].append((ch, norms[r]))
             raw = {g.id: channel_scores(g.size, rows[g.id]) for g in self.groups}
-            if score == "norm":
-                return raw
-        return {gid: s / s.mean().clamp_min(torch.finfo(torch.float64).tiny) for gid, s in raw.items()}
+        if self.plan.recipe == "paper":
+            return raw
+        tiny = torch.finfo(torch.float64).tiny
+        if c.score_normalize:
+            raw = {gid: s / s.mean().clamp_min(tiny) for gid, s in raw.items()}
+        if c.score_per_mac:
+            cost = self.channel_costs()
+            mean = sum(cost.values()) / len(cost)
+            raw = {gid: s / max(cost[gid] / mean, tiny) for gid, s in raw.items()}
+        return raw
+
+    def channel_costs(self) -> dict[int, float]:
+        """MACs that one more removed channel of each group saves, at the current masked widths."""
+        widths = self.group_widths()
+        now = self.graph.macs(widths)
+        return {gid: float(now - self.graph.macs({**widths, gid: max(w - 1, 0)})) for gid, w in widths.items()}
 
     def _row_norms(self, site: CompactorSite, compactor: Compactor, fused: bool) -> Tensor:
         """L2 norm of each compactor row, or of each fused filter row Q·diag(γ/σ)·W (float64, CPU)."""

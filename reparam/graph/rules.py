@@ -415,9 +415,12 @@ def rule_batch_norm_module(c: Coupler, node: Node) -> None:
 
 
 def rule_batch_norm_function(c: Coupler, node: Node) -> None:
+    """F.batch_norm(x, running_mean, running_var, weight, bias, ...): each per-channel tensor, given by
+    position or by keyword, holds the channels of dim 1."""
     c.union_all(node.args[0], node, node)
-    for p in (node.args[1:5] if len(node.args) >= 5 else [node.kwargs.get(k) for k in ("running_mean", "running_var", "weight", "bias")]):
-        if isinstance(p, Node):
+    for i, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+        p = _arg(node, i, name)
+        if isinstance(p, Node) and c.shape(p) is not None:
             c.union(c.sp(node, 1), c.sp(p, 0), node)
 
 

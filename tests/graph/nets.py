@@ -199,7 +199,46 @@ class PadShortcut(nn.Module):
         return self.head(F.pad(y, self.spatial)).mean((2, 3))
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass that calls the functional op on its own tensors (running statistics by
+    position, affine parameters by keyword) and fuses its activation, as timm's norm-act layers do."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, weight=self.weight, bias=self.bias,
+                         training=False, momentum=0.1, eps=self.eps)
+        return F.relu(x)
+
+
+class FunctionalConv(nn.Module):
+    """A custom conv layer: its own weight through `F.conv2d`."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3) * 0.3)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, padding=1)
+
+
+class FunctionalNorms(nn.Module):
+    """Tensors that reach ops through get_attr: functional BN, a custom conv, and a layer-scale vector
+    multiplying a residual branch."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, width, 3, padding=1, bias=False), BatchNormAct(width)
+        self.conv, self.bn = FunctionalConv(width, width), BatchNormAct(width)
+        self.gamma = nn.Parameter(torch.rand(width) + 0.5)
+        self.head = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x):
+        x = self.stem_bn(self.stem(x))
+        x = x + self.bn(self.conv(x)) * self.gamma.view(1, -1, 1, 1)
+        return self.head(x).mean((2, 3))
+
+
 TRICKY = {
+    "functional_norms": (FunctionalNorms, (2, 3, 6, 6)),
     "cifar_resnet": (CifarResNet, (2, 3, 8, 8)),
     "concat_residual": (ConcatResidual, (2, 3, 6, 6)),
     "shuffle": (ShuffleBlock, (2, 3, 6, 6)),

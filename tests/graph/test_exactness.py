@@ -94,3 +94,30 @@ def test_tricky_nets(name, seed):
     assert keep
     y = model(x)
     assert max_rel_err(prune(model, x, keep, graph=graph)(x), y) <= 1e-10
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tensors_that_reach_ops_through_get_attr_shrink_with_their_channels(seed):
+    """Functional BN on a module's own tensors (running statistics by position), a custom conv through
+    F.conv2d and a layer-scale vector: all join the residual group and are sliced by the surgery."""
+    from .nets import FunctionalNorms
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = FunctionalNorms().double().eval()
+    randomize_bn(model, gen)
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    graph = trace(model, x)
+    (group,) = [g for g in graph.groups if any(p.module == "stem" for p in g.producers)]
+    names = {m.name for m in group.members}
+    assert {"stem_bn.running_mean", "stem_bn.running_var", "stem_bn.weight", "bn.bias", "gamma",
+            "conv.weight", "head.weight"} <= names and group.prunable
+    drop = np.random.default_rng(seed).choice(group.size, 2, replace=False).tolist()
+    with torch.no_grad():  # silence the dropped channels at both norms: the residual stream carries zeros
+        for bn in (model.stem_bn, model.bn):
+            bn.weight[drop] = 0
+            bn.bias[drop] = 0
+    keep = {group.id: sorted(set(range(group.size)) - set(drop))}
+    small = prune(model, x, keep, graph=graph)
+    assert small.gamma.shape == (group.size - 2,) and small.bn.running_var.shape == (group.size - 2,)
+    assert max_rel_err(small(x), model(x)) <= 1e-10
