@@ -93,7 +93,10 @@ class Coupler:
         return d[dim]
 
     def dims(self, node: Node, i: int = 0) -> list[int]:
-        """Space ids of every dim of output `i` of `node` (created on first use)."""
+        """Space ids of every dim of output `i` of `node` (created on first use; a negative `i` counts
+        from the end, so `out[-1]` and `out[n - 1]` are the same spaces)."""
+        if i < 0:
+            i += len(tensor_metas(node))
         key = (node.name, i)
         found = self._dims.get(key)
         if found is None:

@@ -96,6 +96,28 @@ class SplitNet(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
+class MultiScaleSplit(nn.Module):
+    """Res2Net's hierarchy: equal pieces of a split, each added to the previous piece's output, the
+    last piece taken as ``pieces[-1]``, all concatenated back."""
+
+    def __init__(self, width: int = 3, scale: int = 3):
+        super().__init__()
+        self.width, self.scale = width, scale
+        self.stem = conv_bn(3, width * scale)
+        self.convs = nn.ModuleList(conv_bn(width, width) for _ in range(scale - 1))
+        self.head = conv_bn(width * scale, 4, 1)
+
+    def forward(self, x):
+        pieces = torch.split(F.relu(self.stem(x)), self.width, 1)
+        out, sp = [], None
+        for i, conv in enumerate(self.convs):
+            sp = pieces[i] if sp is None else sp + pieces[i]
+            sp = F.relu(conv(sp))
+            out.append(sp)
+        out.append(pieces[-1])
+        return self.head(torch.cat(out, 1)).mean((2, 3))
+
+
 class SENet(nn.Module):
     """Squeeze-and-excitation scaling (broadcast multiply) and a grouped (non-depthwise) conv."""
 
@@ -243,6 +265,7 @@ TRICKY = {
     "concat_residual": (ConcatResidual, (2, 3, 6, 6)),
     "shuffle": (ShuffleBlock, (2, 3, 6, 6)),
     "split": (SplitNet, (2, 3, 5, 5)),
+    "multiscale_split": (MultiScaleSplit, (2, 3, 5, 5)),
     "se_grouped": (SENet, (2, 3, 6, 6)),
     "shared_conv": (SharedConv, (2, 3, 5, 5)),
     "flatten_linear": (FlattenLinear, (2, 3, 8, 8)),
