@@ -105,11 +105,13 @@ TP_REG, TP_RATIO, TP_STEPS = 5e-4, 0.9, 400
 # (b) with one component of the budget recipe switched off (`apps.resrep.config`), as extra CLI flags.
 ABLATIONS: dict[str, tuple[str, ...]] = {
     "budget recipe (b)": (),
-    "score: raw compactor-row norm (paper)": ("--score", "norm"),
-    "score: fused filter norm": ("--score", "fused"),
+    "score: Taylor normalised per group": ("--score-normalize",),
+    "score: not per MAC": ("--no-score-per-mac",),
+    "score: compactor-row norm (the paper's metric)": ("--score", "norm"),
+    "score: fused filter-row norm": ("--score", "fused"),
     "kept rows: 10x lasso, residual groups too": ("--lasso-strength", "1e-3", "--residual-lasso"),
     "forgetting: masked rows zeroed at once": ("--freeze-fraction", "0.251"),
-    "masking: spread over 60% of the run": ("--mask-end-fraction", "0.55", "--freeze-fraction", "0.6"),
+    "masking: spread over 55% of the run": ("--mask-end-fraction", "0.55", "--freeze-fraction", "0.6"),
     "optimizer: compactor momentum 0.99, bias lr x2": ("--compactor-momentum", "0.99", "--bias-lr-factor", "2"),
     "recipe: paper (as the spec states it)": ("--recipe", "paper"),
 }

@@ -21,9 +21,10 @@ Two recipes (``recipe``), resolved for a run of N iterations into a `apps.resrep
     conversion is exact by construction;
   - channels are ranked by ``score`` (default ``"taylor"``: the first-order loss change of removing the
     channel, |Σ_i Q_ji ∂L/∂Q_ji| squared and averaged over iterations; ``"fused"``: the norm of the fused
-    filter row (Q·diag(γ/σ)·W)_j; ``"norm"``: the paper's raw compactor-row norm), each group divided by
-    its mean (``score_normalize``) and by the MACs one of its channels costs (``score_per_mac``), one
-    global MACs-targeted ranking;
+    filter row (Q·diag(γ/σ)·W)_j; ``"norm"``: the paper's raw compactor-row norm), divided by the MACs
+    one channel of its group costs (``score_per_mac``), one global MACs-targeted ranking; the magnitude
+    scores, which share no unit across layers, are first divided by their group's mean
+    (``score_normalize`` None: for ``fused`` and ``norm``, not for ``taylor``, a loss change);
   - masking is cumulative and front-loaded: ``mask_rounds`` 20 rounds between ``mask_start_fraction``
     0.02 and ``mask_end_fraction`` 0.25 of the run, the kept MACs following a cubic from 1 to
     ``flops_target`` (most channels go early), the last round meeting the target exactly;
@@ -82,7 +83,7 @@ class ResRepConfig:
     # the budget recipe's schedule
     score: Score | None = None
     score_momentum: float = 0.95
-    score_normalize: bool = True
+    score_normalize: bool | None = None
     score_per_mac: bool = True
     mask_rounds: int = 20
     mask_start_fraction: float = 0.02

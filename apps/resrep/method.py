@@ -424,9 +424,10 @@ class ResRep:
         ``norm``: the RMS of its compactor rows' L2 norms (the paper's metric); ``fused``: the RMS of
         the norms of its fused filter rows (Q·diag(γ/σ)·W)_c; ``taylor``: the averaged squared
         first-order loss change of removing it. The paper recipe ranks the raw scores. The budget recipe
-        divides each group's scores by their mean (``score_normalize``) and then by the MACs one channel
-        of the group costs at the current widths, relative to the mean cost (``score_per_mac``), so one
-        global ranking trades importance against MACs saved."""
+        divides each group's scores by their mean (``score_normalize``; by default only the magnitude
+        scores, which share no unit across layers) and then by the MACs one channel of the group costs
+        at the current widths, relative to the mean cost (``score_per_mac``), so one global ranking
+        trades importance against MACs saved."""
         c, score = self.config, self.plan.score
         if score == "taylor":
             raw = {gid: t.detach().to("cpu", torch.float64) for gid, t in self.taylor.items()}
@@ -440,7 +441,7 @@ class ResRep:
         if self.plan.recipe == "paper":
             return raw
         tiny = torch.finfo(torch.float64).tiny
-        if c.score_normalize:
+        if c.score_normalize if c.score_normalize is not None else score != "taylor":
             raw = {gid: s / s.mean().clamp_min(tiny) for gid, s in raw.items()}
         if c.score_per_mac:
             cost = self.channel_costs()
