@@ -180,7 +180,8 @@ class Coupler:
         rule = lookup_rule(node, self.modules)
         if rule is None:
             why = next((r for t, r in NO_RULE_REASONS.items()
-                        if node.op == "call_module" and isinstance(self.modules[node.target], t)), "has no channel rule")
+                        if node.op == "call_module" and isinstance(self.modules[node.target], t)),
+                       "has no channel rule (teach it one with reparam.graph.register_rule)")
             self.poison_node(node, f"{describe(node, self.modules)} at node '{node.name}' {why}")
             return
         try:
@@ -909,6 +910,43 @@ NO_RULE_REASONS: dict[type, str] = {
     nn.MultiheadAttention: "ties embed_dim to its input width and its head count, so its input and output "
                            "channels stay unpruned (its fused in-projection is not split)",
 }
+
+
+Rule = Callable[[Coupler, Node], None]
+_USER_MODULE_TYPES: set[type] = set()
+
+
+def register_rule(target: type[nn.Module] | Callable[..., Any] | str, rule: Rule) -> None:
+    """Teach the channel graph an op: ``rule(c, node)`` is called for every traced node of ``target``.
+
+    ``target`` is a module class (matched along the MRO; its instances become leaves of the trace, so
+    the rule sees the whole module as one ``call_module`` node), a function (a ``call_function``
+    target: a torch function, or a function of your own made a leaf with ``torch.fx.wrap``), or a
+    tensor method name (``call_method``, e.g. ``"roll"``). A later registration for the same target
+    replaces the earlier one, built-in rules included.
+
+    The rule declares how the node ties its channels, through the `Coupler` ``c``:
+    ``c.dims(n, i)`` / ``c.sp(n, dim, i)`` are the space ids of the dims of output ``i`` of node ``n``;
+    ``c.param(qualname)`` those of a parameter or buffer; ``c.union(a, b, node)`` says two spaces hold
+    the same channels; ``c.union_all(x, node, node)`` passes every dim of ``x`` through;
+    ``c.s.link(a, ia, b, ib)`` ties single elements; ``c.s.poison_space(a, reason)`` fixes a space's
+    size; ``c.module_fixups[node.target] = fix`` lets surgery update module attributes after slicing
+    (``fix(module, kept)``). Raise `Unsupported` to fix every space the node touches, with a reason.
+    """
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        MODULE_RULES[target] = rule
+        _USER_MODULE_TYPES.add(target)
+    elif isinstance(target, str):
+        METHOD_RULES[target] = rule
+    elif callable(target):
+        FUNCTION_RULES[target] = rule
+    else:
+        raise TypeError(f"register_rule: target must be an nn.Module class, a function or a method name, got {target!r}")
+
+
+def is_rule_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` is an instance of a class given to `register_rule` (traced as one node)."""
+    return any(t in _USER_MODULE_TYPES for t in type(module).__mro__)
 
 
 def is_opaque(node: Node, modules: dict[str, nn.Module]) -> bool:

@@ -11,6 +11,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GraphTraceError
+from .rules import is_rule_leaf
 
 LeafSpec = str | type[nn.Module]
 
@@ -28,6 +29,8 @@ class _LeafTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        if is_rule_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
