@@ -1,6 +1,6 @@
 """`trace(model, inputs) -> ChannelGraph`: the traced program, its coupled channel groups and a MACs model.
 
-Channels are found per element: every tensor dimension is a *space*; rules (rules.py) join spaces by
+Channels are found per element: every tensor dimension is a *space*; rules (the `rules` package) join spaces by
 identity and link single elements (concat, slicing, reshapes, grouped convs). The connected
 components of the element graph are the *logical channels*: removing one removes every element
 in it. Logical channels that occur in exactly the same spaces, the same number of times, form a
@@ -22,7 +22,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import fx, nn
 
-from .rules import Coupler, describe, is_opaque, tensor_metas
+from .rules import Coupler, describe, is_opaque, rule_for, tensor_metas
 from .tracing import LeafSpec, as_tuple, propagate_shapes, symbolic_trace
 
 
@@ -86,7 +86,7 @@ class ChannelGraph:
         self.leaf_modules = leaf_modules
         self.example_inputs = example_inputs
         self.round_to = int(round_to)
-        c = Coupler(model, graph, modules).run()
+        c = Coupler(model, graph, rule_for, modules).run()
         self._coupler = c
         self._consumer_modules = {m for m, _ in c.consumers}
         self._build_elements(c)

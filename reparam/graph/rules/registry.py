@@ -1,0 +1,207 @@
+"""The rule registry: which rule handles each traced op, and `register_rule` to teach it new ones.
+
+Module rules match along the class's MRO, function rules by the ``call_function`` target, method rules
+by the ``call_method`` name. Families live beside this file, one per op family: `elementwise`,
+`resampling` (pooling, interpolation, padding), `convolution` (convs and linear layers), `norms`,
+`attention` (matmul, attention, einsum) and `shape` (reshape, permute, cat, split, indexing, reductions).
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Node
+
+from .attention import rule_einsum, rule_matmul, rule_sdpa
+from .convolution import (
+    rule_conv_function,
+    rule_conv_module,
+    rule_linear_function,
+    rule_linear_module,
+)
+from .coupler import Rule
+from .elementwise import rule_broadcast, rule_prelu_module, rule_unary
+from .norms import (
+    rule_batch_norm_function,
+    rule_batch_norm_module,
+    rule_group_norm_module,
+    rule_layer_norm_function,
+    rule_layer_norm_module,
+)
+from .resampling import rule_pad, rule_pad_module, rule_patch_merging_pad, rule_pool
+from .shape import (
+    rule_cat,
+    rule_expand,
+    rule_getitem,
+    rule_permute,
+    rule_reduce,
+    rule_reshape,
+    rule_split,
+    rule_stack,
+)
+
+__all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "NO_RULE_REASONS", "is_opaque", "is_rule_leaf",
+           "lookup_rule", "register_rule", "rule_for"]
+
+
+_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+_UNARY_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                  nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax, nn.LogSoftmax, nn.Identity,
+                  nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Hardtanh,
+                  nn.Softplus, nn.Softsign, nn.LocalResponseNorm)
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
+                 nn.UpsamplingBilinear2d)
+
+MODULE_RULES: dict[type, Rule] = {
+    **{t: rule_unary for t in _UNARY_MODULES},
+    **{t: rule_pool for t in _POOL_MODULES},
+    **{t: rule_pad_module for t in _PAD_MODULES},
+    nn.PReLU: rule_prelu_module,
+    nn.Conv1d: rule_conv_module, nn.Conv2d: rule_conv_module, nn.Conv3d: rule_conv_module,
+    nn.ConvTranspose1d: rule_conv_module, nn.ConvTranspose2d: rule_conv_module, nn.ConvTranspose3d: rule_conv_module,
+    nn.Linear: rule_linear_module,
+    nn.BatchNorm1d: rule_batch_norm_module, nn.BatchNorm2d: rule_batch_norm_module, nn.BatchNorm3d: rule_batch_norm_module,
+    nn.SyncBatchNorm: rule_batch_norm_module,
+    nn.GroupNorm: rule_group_norm_module,
+    nn.LayerNorm: rule_layer_norm_module,
+    nn.Flatten: rule_reshape, nn.Unflatten: rule_reshape,
+}
+
+_UNARY_FUNCTIONS = (F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu,
+                    F.elu, F.mish, F.softmax, F.log_softmax, F.dropout, F.dropout1d, F.dropout2d, F.hardtanh,
+                    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt,
+                    torch.rsqrt, torch.softmax, torch.clamp, torch.clone, torch.nn.functional.relu_,
+                    operator.neg, torch.erf)
+_BROADCAST_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+                        operator.isub, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+                        torch.maximum, torch.minimum, torch.where, torch.pow, operator.pow)
+
+FUNCTION_RULES: dict[Any, Rule] = {
+    **{f: rule_unary for f in _UNARY_FUNCTIONS},
+    **{f: rule_broadcast for f in _BROADCAST_FUNCTIONS},
+    F.conv1d: rule_conv_function, F.conv2d: rule_conv_function, F.conv3d: rule_conv_function,
+    F.linear: rule_linear_function, F.batch_norm: rule_batch_norm_function, F.layer_norm: rule_layer_norm_function,
+    F.adaptive_avg_pool1d: rule_pool, F.adaptive_avg_pool2d: rule_pool, F.adaptive_max_pool2d: rule_pool,
+    F.max_pool2d: rule_pool, F.avg_pool2d: rule_pool, F.interpolate: rule_pool, F.pad: rule_pad,
+    torch.flatten: rule_reshape, torch.reshape: rule_reshape, torch.squeeze: rule_reshape, torch.unsqueeze: rule_reshape,
+    torch.permute: rule_permute, torch.transpose: rule_permute, torch.swapaxes: rule_permute,
+    torch.cat: rule_cat, torch.concat: rule_cat, torch.stack: rule_stack,
+    torch.split: rule_split, torch.chunk: rule_split, torch.unbind: rule_split,
+    operator.getitem: rule_getitem,
+    torch.mean: rule_reduce, torch.sum: rule_reduce, torch.amax: rule_reduce,
+    torch.matmul: rule_matmul, torch.bmm: rule_matmul, operator.matmul: rule_matmul,
+    F.scaled_dot_product_attention: rule_sdpa, torch.einsum: rule_einsum,
+}
+
+METHOD_RULES: dict[str, Rule] = {
+    **{m: rule_unary for m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt",
+                               "softmax", "log_softmax", "contiguous", "clone", "detach", "float", "double", "half",
+                               "to", "type", "type_as", "clamp", "clamp_", "requires_grad_", "erf")},
+    **{m: rule_broadcast for m in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow")},
+    **{m: rule_reshape for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten")},
+    **{m: rule_permute for m in ("permute", "transpose", "swapaxes", "t")},
+    **{m: rule_split for m in ("split", "chunk", "unbind")},
+    "expand": rule_expand, "expand_as": rule_expand,
+    "mean": rule_reduce, "sum": rule_reduce, "amax": rule_reduce,
+    "matmul": rule_matmul, "bmm": rule_matmul,
+}
+
+
+def _torchvision_rules() -> dict[Any, Rule]:
+    """Rules for torchvision's fx-wrapped helpers (leaf functions in a trace)."""
+    rules: dict[Any, Rule] = {}
+    try:
+        from torchvision.models import swin_transformer
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # torchvision is optional for the graph package
+        return rules
+    rules[stochastic_depth] = rule_unary
+    rules[swin_transformer._patch_merging_pad] = rule_patch_merging_pad
+    return rules
+
+
+FUNCTION_RULES.update(_torchvision_rules())
+
+
+NO_RULE_REASONS: dict[type, str] = {
+    nn.MultiheadAttention: "ties embed_dim to its input width and its head count, so its input and output "
+                           "channels stay unpruned (its fused in-projection is not split)",
+}
+
+
+_USER_MODULE_TYPES: set[type] = set()
+
+
+def register_rule(target: type[nn.Module] | Callable[..., Any] | str, rule: Rule) -> None:
+    """Teach the channel graph an op: ``rule(c, node)`` is called for every traced node of ``target``.
+
+    ``target`` is a module class (matched along the MRO; its instances become leaves of the trace, so
+    the rule sees the whole module as one ``call_module`` node), a function (a ``call_function``
+    target: a torch function, or a function of your own made a leaf with ``torch.fx.wrap``), or a
+    tensor method name (``call_method``, e.g. ``"roll"``). A later registration for the same target
+    replaces the earlier one, built-in rules included.
+
+    The rule declares how the node ties its channels, through the `Coupler` ``c``:
+    ``c.dims(n, i)`` / ``c.sp(n, dim, i)`` are the space ids of the dims of output ``i`` of node ``n``;
+    ``c.param(qualname)`` those of a parameter or buffer; ``c.union(a, b, node)`` says two spaces hold
+    the same channels; ``c.union_all(x, node, node)`` passes every dim of ``x`` through;
+    ``c.s.link(a, ia, b, ib)`` ties single elements; ``c.s.poison_space(a, reason)`` fixes a space's
+    size; ``c.module_fixups[node.target] = fix`` lets surgery update module attributes after slicing
+    (``fix(module, kept)``). Raise `Unsupported` to fix every space the node touches, with a reason.
+    """
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        MODULE_RULES[target] = rule
+        _USER_MODULE_TYPES.add(target)
+    elif isinstance(target, str):
+        METHOD_RULES[target] = rule
+    elif callable(target):
+        FUNCTION_RULES[target] = rule
+    else:
+        raise TypeError(f"register_rule: target must be an nn.Module class, a function or a method name, got {target!r}")
+
+
+def is_rule_leaf(module: nn.Module) -> bool:
+    """Whether ``module`` is an instance of a class given to `register_rule` (traced as one node)."""
+    return any(t in _USER_MODULE_TYPES for t in type(module).__mro__)
+
+
+def is_opaque(node: Node, modules: dict[str, nn.Module]) -> bool:
+    """Nodes whose MACs the rules do not model: ops without a rule (measured instead, and fixed)."""
+    return lookup_rule(node, modules) is None
+
+
+def lookup_rule(node: Node, modules: dict[str, nn.Module]) -> Rule | None:
+    """The rule of ``node`` (module class along its MRO, function, or method name), None without one."""
+    if node.op == "call_module":
+        for t in type(modules[node.target]).__mro__:
+            if t in MODULE_RULES:
+                return MODULE_RULES[t]
+        return None
+    if node.op == "call_function":
+        try:
+            return FUNCTION_RULES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target)
+    return None
+
+
+def rule_for(node: Node, modules: dict[str, nn.Module]) -> Rule | str:
+    """`lookup_rule`, or (a string) why the node has none, for the reason its channels stay fixed."""
+    rule = lookup_rule(node, modules)
+    if rule is not None:
+        return rule
+    if node.op == "call_module":
+        for t, reason in NO_RULE_REASONS.items():
+            if isinstance(modules[node.target], t):
+                return reason
+    return "has no channel rule (teach it one with reparam.graph.register_rule)"
