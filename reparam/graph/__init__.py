@@ -8,8 +8,9 @@ from .channel_graph import ChannelGraph, ChannelGroup, Member, Producer, trace
 from .dead import DeadChannelReport, fold_dead_channels
 from .errors import GraphTraceError, PruneError
 from .flops import FlopsReport, NodeCost, flops
-from .plan import PrunePlan, apply_plan, load_pruned, save_pruned
+from .plan import PrunePlan
 from .rules import Coupler, Unsupported, register_rule
+from .saved import apply_plan, load_pruned, save_pruned
 from .surgery import prune
 
 __all__ = ["ChannelGraph", "ChannelGroup", "Coupler", "DeadChannelReport", "FlopsReport", "GraphTraceError", "Member",

@@ -87,7 +87,7 @@ class ChannelGraph:
         self.example_inputs = example_inputs
         self.round_to = int(round_to)
         c = Coupler(model, graph, rule_for, modules).run()
-        self._coupler = c
+        self.coupler = c
         self._consumer_modules = {m for m, _ in c.consumers}
         self._build_elements(c)
         self._build_groups(c)
@@ -202,7 +202,7 @@ class ChannelGraph:
     def _sole_bn(self, node: fx.Node) -> str | None:
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_module":
-            m = self._coupler.modules[users[0].target]
+            m = self.coupler.modules[users[0].target]
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 return users[0].target
         return None
@@ -216,7 +216,7 @@ class ChannelGraph:
         return int(self._rg_mult[hit[0]]) if len(hit) else 0
 
     def _member_of_space(self, sid: int, g: int) -> Member | None:
-        key, out_i, dim = self._coupler.s.keys[sid]
+        key, out_i, dim = self.coupler.s.keys[sid]
         if key.startswith("#"):
             return None  # synthetic (see SpaceSet.poison_elements): no tensor to slice
         root = int(self._space_root[sid])
@@ -279,12 +279,12 @@ class ChannelGraph:
     def program_parameters(self) -> dict[str, torch.Tensor]:
         """Parameters the traced program uses (modules it calls and attributes it reads), by name."""
         out: dict[str, torch.Tensor] = {}
-        modules = self._coupler.modules
+        modules = self.coupler.modules
         for n in self.graph.nodes:
             if n.op == "call_module":
                 out.update((f"{n.target}.{k}", p) for k, p in modules[n.target].named_parameters())
-            elif n.op == "get_attr" and isinstance(self._coupler._tensors.get(n.target), nn.Parameter):
-                out[n.target] = self._coupler._tensors[n.target]
+            elif n.op == "get_attr" and isinstance(self.coupler._tensors.get(n.target), nn.Parameter):
+                out[n.target] = self.coupler._tensors[n.target]
         return out
 
     @cached_property
@@ -297,7 +297,7 @@ class ChannelGraph:
     def nx(self) -> nx.DiGraph:
         """The traced program: nodes are fx node names with op kind, target, module path and shapes."""
         g = nx.DiGraph()
-        modules = self._coupler.modules
+        modules = self.coupler.modules
         for n in self.graph.nodes:
             shapes = [tuple(m.shape) if m is not None else None for m in tensor_metas(n)]
             g.add_node(n.name, op=n.op, target=str(n.target) if n.op != "call_function" else
@@ -317,12 +317,12 @@ class ChannelGraph:
     def groups_of(self, module_name: str, dim: str = "out") -> list[ChannelGroup]:
         if dim not in ("out", "in"):
             raise ValueError("dim must be 'out' or 'in'")
-        p = self._coupler.params.get(f"{module_name}.weight")
+        p = self.coupler.params.get(f"{module_name}.weight")
         if p is None:
             return []
-        m = self._coupler.modules.get(module_name)
+        m = self.coupler.modules.get(module_name)
         if dim == "in" and isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels:
-            sid = next(s for mod, s in self._coupler.consumers if mod == module_name)
+            sid = next(s for mod, s in self.coupler.consumers if mod == module_name)
         else:
             sid = p[0] if dim == "out" else p[1]
         root = int(self._space_root[sid])

@@ -50,7 +50,7 @@ def _apply_unary(node: fx.Node, t: torch.Tensor, modules: dict[str, nn.Module]) 
 def _consumers(graph: ChannelGraph, bn_node: fx.Node, beta: torch.Tensor) -> list[tuple[str, torch.Tensor]] | str:
     """(consumer module, constant it receives per channel) for every path of elementwise ops from the
     BatchNorm, or the reason folding is not exact."""
-    modules = graph._coupler.modules
+    modules = graph.coupler.modules
     calls: dict[str, int] = {}
     for n in graph.graph.nodes:
         if n.op == "call_module":
@@ -64,7 +64,7 @@ def _consumers(graph: ChannelGraph, bn_node: fx.Node, beta: torch.Tensor) -> lis
                 if calls[user.target] > 1:
                     return f"consumer '{user.target}' is called more than once, so one bias cannot hold the constant"
                 out.append((user.target, value))
-            elif user.op != "output" and lookup_rule(user, modules) is rule_unary and len(graph._coupler.tensor_inputs(user)) == 1:
+            elif user.op != "output" and lookup_rule(user, modules) is rule_unary and len(graph.coupler.tensor_inputs(user)) == 1:
                 with torch.no_grad():
                     todo.append((user, _apply_unary(user, value, modules)))
             else:
@@ -80,7 +80,7 @@ def fold_dead_channels(model: nn.Module, example_inputs: torch.Tensor | Sequence
     into its consumers' biases; report the groups where it cannot."""
     inputs = as_tuple(example_inputs)
     g = graph if graph is not None else trace(model, inputs)
-    modules = g._coupler.modules
+    modules = g.coupler.modules
     nodes = {n.name: n for n in g.graph.nodes}
     work = copy.deepcopy(model)
     removed: dict[int, list[int]] = {}

@@ -75,7 +75,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple | list, keep: K
     def kept(sid: int) -> np.ndarray:
         return g.space_mask(elem, sid)
 
-    c = g._coupler
+    c = g.coupler
     new = copy.deepcopy(g.gm)
     with torch.no_grad():
         for name, sids in c.params.items():
@@ -105,7 +105,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple | list, keep: K
 
 def _verify_shapes(g: ChannelGraph, new: fx.GraphModule, inputs: tuple, kept: Any) -> None:
     """Every node of the pruned program must have exactly the shape the groups predict."""
-    c = g._coupler
+    c = g.coupler
     try:
         propagate_shapes(new, new.graph, inputs)
     except Exception as exc:

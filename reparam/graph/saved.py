@@ -1,0 +1,73 @@
+"""Saving a pruned model as a channel plan (JSON) plus a `state_dict`, and rebuilding it without pickle.
+
+A plan records how to redo the surgery on a freshly constructed model: the example input shapes
+and dtypes to trace with, the trace options, and one keep-set per pruning stage (a pruned model can
+be pruned again). It also fingerprints the groups each stage was planned on, so a plan applied to
+the wrong architecture is refused instead of producing a different model.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .channel_graph import trace
+from .errors import PruneError
+from .plan import PLAN_FILE, WEIGHTS_FILE, PrunePlan, fingerprint, leaf_specs
+from .surgery import prune
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_pruned(model_pruned: nn.Module, path_or_dir: str | os.PathLike, plan: PrunePlan | None = None) -> Path:
+    """Write `plan.json` and `weights.pt` (a plain state_dict) into the directory `path_or_dir`."""
+    plan = plan if plan is not None else getattr(model_pruned, "meta", {}).get("reparam.plan")
+    if not isinstance(plan, PrunePlan):
+        raise PruneError("no channel plan: pass the plan, or save a model returned by reparam.graph.prune")
+    d = Path(path_or_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone() for k, v in model_pruned.state_dict().items()}
+    _atomic_write(d / WEIGHTS_FILE, lambda f: torch.save(state, f))
+    _atomic_write(d / PLAN_FILE, lambda f: f.write(plan.to_json().encode()))
+    return d
+
+
+def apply_plan(constructor_model: nn.Module, plan: PrunePlan, source: str = "the channel plan") -> nn.Module:
+    """Redo the surgery of every stage of ``plan`` on a freshly constructed original (not modified);
+    the weights are the constructor's, to be replaced by the saved ones. A plan made for another
+    architecture is refused (its group fingerprints do not match)."""
+    ref = next(iter(constructor_model.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    inputs = tuple(torch.zeros(s, dtype=getattr(torch, dt), device=device)
+                   for s, dt in zip(plan.input_shapes, plan.input_dtypes))
+    model: nn.Module = constructor_model
+    for i, stage in enumerate(plan.stages):
+        graph = trace(model, inputs, leaf_modules=leaf_specs(plan.leaf_modules), round_to=plan.round_to)
+        if fingerprint(graph) != stage.fingerprint:
+            raise PruneError(f"{source} (stage {i}) was made for a different architecture: "
+                             f"its channel groups do not match this model's")
+        model = prune(model, inputs, stage.keep, graph=graph)
+    return model
+
+
+def load_pruned(constructor_model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild a saved pruned model from a freshly constructed original (`constructor_model`, which is
+    not modified) and the saved plan, then load the saved weights (`weights_only=True`)."""
+    d = Path(path)
+    model = apply_plan(constructor_model, PrunePlan.from_json((d / PLAN_FILE).read_text()), f"the channel plan in {d}")
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    state = torch.load(d / WEIGHTS_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model
