@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from .channel_graph import ChannelGraph, ChannelGroup, trace
+from ..ops.slicing import select_axes
 from .errors import PruneError
 from .plan import next_plan
 from .rules import describe, tensor_metas
@@ -55,13 +56,6 @@ def _who(g: ChannelGroup) -> str:
     return "producers " + ", ".join(p.module for p in g.producers) if g.producers else f"size {g.size}"
 
 
-def _slice_tensor(t: torch.Tensor, masks: list[np.ndarray]) -> torch.Tensor:
-    for d, m in enumerate(masks):
-        if not m.all():
-            t = t.index_select(d, torch.as_tensor(np.nonzero(m)[0], device=t.device))
-    return t
-
-
 def prune(model: nn.Module, example_inputs: torch.Tensor | tuple | list, keep: Keep, *,
           graph: ChannelGraph | None = None) -> fx.GraphModule:
     """A pruned copy of `model` (the original is untouched) as a `torch.fx.GraphModule` with the same
@@ -85,7 +79,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple | list, keep: K
             prefix, _, leaf = name.rpartition(".")
             owner = new.get_submodule(prefix) if prefix else new
             old = getattr(owner, leaf)
-            t = _slice_tensor(old, masks).clone()
+            t = select_axes(old.detach(), [None if m.all() else np.nonzero(m)[0] for m in masks]).clone()
             if leaf in owner._parameters:
                 owner._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
             elif leaf in owner._buffers:

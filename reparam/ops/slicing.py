@@ -13,7 +13,18 @@ from ._array import Array, index_array, namespace
 from .errors import MergeError
 from .norm import NormStats
 
-__all__ = ["select_out", "select_in", "select_norm", "matching_group_channels"]
+__all__ = ["select_axes", "select_out", "select_in", "select_norm", "matching_group_channels"]
+
+
+def select_axes(x: Array, keep: Sequence[Sequence[int] | None]) -> Array:
+    """``x`` with only the entries ``keep[d]`` (sorted indices) left along each axis ``d``; ``None`` (or
+    an axis past the end of ``keep``) leaves an axis whole. The generic form of every selection here,
+    for tensors of any rank (what channel surgery applies to every parameter and buffer of a group)."""
+    xp = namespace(x)
+    for axis, ks in enumerate(keep):
+        if ks is not None and len(ks) != x.shape[axis]:
+            x = xp.take(x, index_array([int(k) for k in ks], x), axis=axis)
+    return x
 
 
 def _normalise(keep: Sequence[int], total: int, what: str) -> list[int]:
@@ -84,7 +95,7 @@ def select_out(
     else:
         kernel, new_groups = _select_global(kernel, ks, groups, "select_out")
     if bias is not None:
-        bias = namespace(bias).take(bias, index_array(ks, bias), axis=0)
+        bias = select_axes(bias, [ks])
     return kernel, bias, new_groups
 
 
@@ -113,4 +124,4 @@ def matching_group_channels(keep: Sequence[int], total: int, other_total: int, g
 def select_norm(stats: NormStats, keep: Sequence[int]) -> NormStats:
     """Keep channels `keep` (sorted) of a norm's statistics and affine."""
     ks = _normalise(keep, stats.num_features, "select_norm")
-    return stats.map(lambda v: namespace(v).take(v, index_array(ks, v), axis=0))
+    return stats.map(lambda v: select_axes(v, [ks]))

@@ -112,3 +112,19 @@ def test_depthwise_selection_shrinks_groups():
     k2, b2, groups = select_out(k, torch.arange(4.0), [1, 3], groups=4)
     assert groups == 2 and torch.equal(k2, k[[1, 3]]) and b2.tolist() == [1.0, 3.0]
     assert select_in(k, [0, 2], groups=4)[1] == 2
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1),
+       backend=st.sampled_from(["numpy", "torch"]))
+def test_select_axes_keeps_the_named_entries_of_every_axis(shape, seed, backend):
+    import numpy as np
+
+    from reparam.ops.slicing import select_axes
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    keep = [None if rng.random() < 0.3 else sorted(rng.choice(n, rng.integers(1, n + 1), replace=False).tolist())
+            for n in shape]
+    expected = x[np.ix_(*[range(n) if k is None else k for n, k in zip(shape, keep)])]
+    got = select_axes(x if backend == "numpy" else torch.from_numpy(x), keep)
+    assert np.array_equal(np.asarray(got), expected)
