@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..ops.geometry import ConvGeometry
+from ..ops.norm import propagate_bias
 from .channel_graph import ChannelGraph, ChannelGroup, trace
 from .rules import describe, lookup_rule, rule_unary
 from .surgery import prune
@@ -138,8 +140,7 @@ def _fold_group(g: ChannelGraph, grp: ChannelGroup, dead: np.ndarray, nodes: dic
         for name, value in found:
             m = work.get_submodule(name)
             v = (value.reshape(-1) * is_dead).to(m.weight.dtype)   # live channels stay inputs
-            w = m.weight.reshape(m.weight.shape[0], m.weight.shape[1], -1).sum(-1)  # sum over kernel taps
-            if m.bias is None:
-                m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], dtype=m.weight.dtype, device=m.weight.device))
-            m.bias.add_(w @ v)
+            geometry = None if isinstance(m, nn.Linear) else ConvGeometry.from_module(m)
+            bias = propagate_bias(m.weight.detach(), None if m.bias is None else m.bias.detach(), v, geometry)
+            m.bias = nn.Parameter(bias)
     return None
