@@ -289,9 +289,16 @@ class ResRep:
         return self._plan
 
     def _channels_to_mask(self) -> int:
-        """Channels a selection with equal scores masks to reach the target (the paper timeline's length)."""
-        ones = [torch.ones(g.size, dtype=torch.float64) for g in self.groups]
-        return sum(int((~m).sum()) for m in self._select(ones, self.target_macs, None))
+        """Channels to mask for the target when every group keeps the same fraction of its channels (the
+        largest such fraction that meets it, by bisection): the length of the paper recipe's timeline."""
+        def widths(f: float) -> dict[int, int]:
+            return {g.id: max(self._min_keep(g), math.ceil(f * g.size)) for g in self.groups}
+
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.graph.macs(widths(mid)) <= self.target_macs else (lo, mid)
+        return sum(g.size - w for g, w in zip(self.groups, widths(lo).values()))
 
     def optimizer(self) -> torch.optim.SGD:
         """``torch.optim.SGD(self.param_groups(), lr=config.lr)``, bound to this ResRep so that masking a
