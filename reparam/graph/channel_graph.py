@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import networkx as nx
 import numpy as np
@@ -22,6 +22,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import fx, nn
 
+from .errors import GraphTraceError
+from .export_frontend import export_graph
 from .rules import Coupler, describe, is_opaque, rule_for, tensor_metas
 from .tracing import LeafSpec, as_tuple, propagate_shapes, symbolic_trace
 
@@ -385,16 +387,40 @@ class ChannelGraph:
         return f"ChannelGraph({len(self.graph.nodes)} nodes, {len(self.groups)} groups, {n} prunable)"
 
 
-def trace(model: nn.Module, example_inputs: torch.Tensor | tuple | list, *, leaf_modules: Iterable[LeafSpec] = (),
-          round_to: int = 1, concrete_args: Mapping[str, Any] | None = None) -> ChannelGraph:
-    """Trace `model` with torch.fx, propagate shapes from `example_inputs` and find its channel groups.
+Frontend = Literal["auto", "fx", "export"]
 
+
+def trace(model: nn.Module, example_inputs: torch.Tensor | tuple | list, *, leaf_modules: Iterable[LeafSpec] = (),
+          round_to: int = 1, concrete_args: Mapping[str, Any] | None = None,
+          frontend: Frontend = "auto") -> ChannelGraph:
+    """Trace `model`, propagate shapes from `example_inputs` and find its channel groups.
+
+    `frontend`: ``"fx"`` traces with torch.fx (module-level nodes, `leaf_modules`, `concrete_args`);
+    ``"export"`` captures the ATen graph with `torch.export` (handles Python on sizes that fx cannot
+    trace; shapes are specialised to the example inputs); ``"auto"`` tries torch.fx and falls back to
+    torch.export when symbolic tracing fails (and no `leaf_modules` are asked for).
     `leaf_modules` (qualified names or classes) are kept whole; their channels stay unpruned.
     `round_to` makes every group's keep count a multiple of it (in producer channels).
     """
+    if frontend not in ("auto", "fx", "export"):
+        raise ValueError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
     inputs = as_tuple(example_inputs)
     leaf_modules = tuple(leaf_modules)
-    graph = symbolic_trace(model, leaf_modules, concrete_args)
+    if frontend == "export" and (leaf_modules or concrete_args):
+        raise GraphTraceError("frontend='export' flattens every module, so leaf_modules and concrete_args do not "
+                              "apply; use frontend='fx' for them")
+    if frontend == "export":
+        graph = export_graph(model, inputs)
+    else:
+        try:
+            graph = symbolic_trace(model, leaf_modules, concrete_args)
+        except GraphTraceError as fx_error:
+            if frontend == "fx" or leaf_modules or concrete_args:
+                raise
+            try:
+                graph = export_graph(model, inputs)
+            except GraphTraceError as export_error:
+                raise GraphTraceError(f"{fx_error} The torch.export fallback failed too: {export_error}") from fx_error
     modules = dict(model.named_modules())
     propagate_shapes(model, graph, inputs, opaque=lambda n: is_opaque(n, modules))
     return ChannelGraph(model, graph, inputs, round_to, leaf_modules, modules)

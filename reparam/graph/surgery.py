@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .channel_graph import ChannelGraph, ChannelGroup, trace
 from ..ops.slicing import select_axes
+from .channel_graph import ChannelGraph, ChannelGroup, trace
 from .errors import PruneError
 from .plan import next_plan
 from .rules import describe, tensor_metas

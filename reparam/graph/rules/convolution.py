@@ -65,6 +65,16 @@ def rule_conv_function(c: Coupler, node: Node) -> None:
     if not isinstance(groups, int):
         raise Unsupported("groups is not a constant")
     _conv(c, node, x, tuple(c.dims(w)), tuple(c.dims(b)) if isinstance(b, Node) else None, groups, owner(c, w), None)
+    if groups > 1 and groups == c.shape(x)[1]:  # depthwise: the groups argument follows the kept channels
+        x1 = c.sp(x, 1)
+
+        def fix(n: Node, kept: Kept) -> None:
+            kept_groups = int(kept(x1).sum())
+            if len(n.args) > 6:
+                n.args = (*n.args[:6], kept_groups, *n.args[7:])
+            else:
+                n.kwargs = {**n.kwargs, "groups": kept_groups}
+        c.node_fixups[node.name] = fix
 
 
 def _linear(c: Coupler, node: Node, x: Node, w: tuple[int, ...], b: tuple[int, ...] | None, owner: str | None) -> None:

@@ -7,7 +7,7 @@ from torch.fx import Node
 
 from .coupler import Coupler, Kept, Unsupported, arg
 
-__all__ = ['rule_batch_norm_function', 'rule_batch_norm_module', 'rule_group_norm_module', 'rule_layer_norm_function', 'rule_layer_norm_module']
+__all__ = ['rule_aten_batch_norm', 'rule_batch_norm_function', 'rule_batch_norm_module', 'rule_group_norm_module', 'rule_layer_norm_function', 'rule_layer_norm_module']
 
 
 def rule_batch_norm_module(c: Coupler, node: Node) -> None:
@@ -25,14 +25,20 @@ def rule_batch_norm_module(c: Coupler, node: Node) -> None:
     c.module_fixups[node.target] = fix
 
 
-def rule_batch_norm_function(c: Coupler, node: Node) -> None:
+def rule_batch_norm_function(c: Coupler, node: Node,
+                             order: tuple[str, ...] = ("running_mean", "running_var", "weight", "bias")) -> None:
     """F.batch_norm(x, running_mean, running_var, weight, bias, ...): each per-channel tensor, given by
     position or by keyword, holds the channels of dim 1."""
     c.union_all(node.args[0], node, node)
-    for i, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+    for i, name in enumerate(order, start=1):
         p = arg(node, i, name)
         if isinstance(p, Node) and c.shape(p) is not None:
             c.union(c.sp(node, 1), c.sp(p, 0), node)
+
+
+def rule_aten_batch_norm(c: Coupler, node: Node) -> None:
+    """aten.batch_norm(x, weight, bias, running_mean, running_var, ...), the exported form."""
+    rule_batch_norm_function(c, node, ("weight", "bias", "running_mean", "running_var"))
 
 
 def rule_group_norm_module(c: Coupler, node: Node) -> None:

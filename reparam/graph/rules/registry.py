@@ -26,6 +26,7 @@ from .convolution import (
 from .coupler import Rule
 from .elementwise import rule_broadcast, rule_prelu_module, rule_unary
 from .norms import (
+    rule_aten_batch_norm,
     rule_batch_norm_function,
     rule_batch_norm_module,
     rule_group_norm_module,
@@ -34,6 +35,7 @@ from .norms import (
 )
 from .resampling import rule_pad, rule_pad_module, rule_patch_merging_pad, rule_pool
 from .shape import (
+    rule_aten_slice,
     rule_cat,
     rule_expand,
     rule_getitem,
@@ -129,6 +131,47 @@ def _torchvision_rules() -> dict[Any, Rule]:
 
 
 FUNCTION_RULES.update(_torchvision_rules())
+
+
+def _aten_rules() -> dict[Any, Rule]:
+    """Rules for the ATen ops of a `torch.export` graph (the export front end), by op family."""
+    aten = torch.ops.aten
+    names: dict[Rule, tuple[str, ...]] = {
+        rule_unary: ("relu.default", "relu_.default", "gelu.default", "silu.default", "silu_.default",
+                     "sigmoid.default", "tanh.default", "hardswish.default", "hardswish_.default",
+                     "hardsigmoid.default", "hardtanh.default", "hardtanh_.default", "leaky_relu.default",
+                     "elu.default", "mish.default", "dropout.default", "dropout_.default", "clone.default", "contiguous.default",
+                     "_softmax.default", "softmax.int", "erf.default", "exp.default", "abs.default", "neg.default"),
+        rule_broadcast: ("add.Tensor", "add_.Tensor", "sub.Tensor", "mul.Tensor", "mul_.Tensor", "div.Tensor",
+                         "maximum.default", "minimum.default"),
+        rule_conv_function: ("conv1d.default", "conv2d.default", "conv3d.default"),
+        rule_linear_function: ("linear.default",),
+        rule_aten_batch_norm: ("batch_norm.default",),
+        rule_layer_norm_function: ("layer_norm.default",),
+        rule_pool: ("max_pool2d.default", "avg_pool2d.default", "adaptive_avg_pool2d.default", "adaptive_max_pool2d.default",
+                    "adaptive_avg_pool1d.default", "upsample_nearest2d.vec", "upsample_bilinear2d.vec"),
+        rule_reshape: ("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints",
+                       "unsqueeze.default", "squeeze.dim", "squeeze.dims"),
+        rule_permute: ("permute.default", "transpose.int", "t.default"),
+        rule_cat: ("cat.default",),
+        rule_split: ("split.Tensor", "split_with_sizes.default", "chunk.default", "unbind.int"),
+        rule_aten_slice: ("slice.Tensor",),
+        rule_pad: ("pad.default",),
+        rule_reduce: ("mean.dim", "sum.dim_IntList", "amax.default"),
+        rule_matmul: ("matmul.default", "bmm.default"),
+        rule_sdpa: ("scaled_dot_product_attention.default",),
+    }
+    rules: dict[Any, Rule] = {}
+    for rule, ops in names.items():
+        for name in ops:
+            packet, _, overload = name.partition(".")
+            op = getattr(getattr(aten, packet, None), overload, None)
+            if op is not None:
+                rules[op] = rule
+    return rules
+
+
+FUNCTION_RULES.update(_aten_rules())
 
 
 NO_RULE_REASONS: dict[type, str] = {

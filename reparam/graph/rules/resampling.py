@@ -4,18 +4,21 @@ from __future__ import annotations
 import numpy as np
 from torch.fx import Node
 
-from .coupler import Coupler, Kept, Unsupported, arg, first_tensor
+from .coupler import Coupler, Kept, Unsupported, arg, first_tensor, tensor_metas
 
 __all__ = ['rule_pad', 'rule_pad_module', 'rule_patch_merging_pad', 'rule_pool']
 
 
 def _batch_channel_rule(c: Coupler, node: Node, x: Node) -> None:
-    """Pooling / resampling: batch and channel dims pass through, spatial dims are new."""
-    xs, ys = c.shape(x), c.shape(node)
-    if len(xs) != len(ys) or len(xs) < 2:
-        raise Unsupported("unexpected rank")
-    for d in range(len(xs) - (len(xs) - 2)):
-        c.union(c.sp(x, d), c.sp(node, d), node)
+    """Pooling / resampling: batch and channel dims pass through, spatial dims are new. Every output
+    (a max-pool's indices too) carries the input's batch and channels."""
+    xs = c.shape(x)
+    for i in range(len(tensor_metas(node))):
+        ys = c.shape(node, i)
+        if ys is None or len(xs) != len(ys) or len(xs) < 2:
+            raise Unsupported("unexpected rank")
+        for d in range(2):
+            c.union(c.sp(x, d), c.sp(node, d, i), node)
 
 
 def rule_pool(c: Coupler, node: Node) -> None:

@@ -12,7 +12,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .coupler import Coupler, Kept, Unsupported, arg, first_tensor, tensor_metas
 
-__all__ = ['rule_cat', 'rule_expand', 'rule_getitem', 'rule_permute', 'rule_reduce', 'rule_reshape', 'rule_split', 'rule_stack']
+__all__ = ['rule_aten_slice', 'rule_cat', 'rule_expand', 'rule_getitem', 'rule_permute', 'rule_reduce', 'rule_reshape', 'rule_split', 'rule_stack']
 
 
 def _align(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]]:
@@ -72,12 +72,17 @@ def _resized(vals: Sequence[Any], old: Sequence[int], new: Sequence[int]) -> lis
     return [new[k] if new[k] != old[k] and not (isinstance(v, int) and v == -1) else v for k, v in enumerate(vals)]
 
 
+_aten = torch.ops.aten
+# functions whose sizes come as one sequence argument after the tensor: torch.reshape and its ATen forms
+_SIZED = (torch.reshape, _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
+
+
 def rule_reshape(c: Coupler, node: Node) -> None:
     """view / reshape / flatten / squeeze / unsqueeze: one dim of each merged or split run carries the
     channels; the others keep their size. Constant sizes in the arguments are rewritten by surgery."""
     x = first_tensor(c, node)
     _reshape_coupling(c, x, node)
-    if node.target in ("view", "reshape", torch.reshape) or node.target == "unflatten":
+    if node.target in ("view", "reshape", "unflatten", *_SIZED):
         out, old = c.dims(node), c.shape(node)
 
         def fix(n: Node, kept: Kept) -> None:
@@ -87,9 +92,10 @@ def rule_reshape(c: Coupler, node: Node) -> None:
                 start = dim % len(c.shape(n.args[0]))
                 n.args = (n.args[0], dim, tuple(_resized(sizes, old[start:], new[start:])))
                 return
-            spec = n.args[1:] if n.target != torch.reshape else n.args[1]
-            packed = n.target == torch.reshape or (len(spec) == 1 and isinstance(spec[0], (tuple, list)))
-            vals = list(spec if n.target == torch.reshape else (spec[0] if packed else spec))
+            sized = n.target in _SIZED
+            spec = n.args[1] if sized else n.args[1:]
+            packed = sized or (len(spec) == 1 and isinstance(spec[0], (tuple, list)))
+            vals = list(spec if sized else (spec[0] if packed else spec))
             vals = _resized(vals, old, new)
             n.args = (n.args[0], vals) if packed else (n.args[0], *vals)
         c.node_fixups[node.name] = fix
@@ -98,11 +104,11 @@ def rule_reshape(c: Coupler, node: Node) -> None:
 def rule_permute(c: Coupler, node: Node) -> None:
     x = node.args[0]
     n = len(c.shape(x))
-    if node.target in ("permute", torch.permute):
+    if node.target in ("permute", torch.permute, _aten.permute.default):
         rest = node.args[1:] if node.target == "permute" else (node.args[1],)
         perm = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else list(rest)
         perm = [p % n for p in perm]
-    elif node.target in ("t",):
+    elif node.target in ("t", _aten.t.default):
         perm = list(range(n))[::-1]
     else:  # transpose / swapaxes
         d0, d1 = arg(node, 1, "dim0") % n, arg(node, 2, "dim1") % n
@@ -161,7 +167,7 @@ def rule_split(c: Coupler, node: Node) -> None:
     the sizes (chunk becomes split with explicit sizes, since kept counts may differ per piece)."""
     x = node.args[0]
     xs = c.shape(x)
-    if node.target in ("unbind", torch.unbind):
+    if node.target in ("unbind", torch.unbind, _aten.unbind.int):
         dim = arg(node, 1, "dim", 0) % len(xs)
         c.s.poison_space(c.sp(x, dim), f"unbind at node '{node.name}' fixes its size")
         for i in range(len(tensor_metas(node))):
@@ -246,6 +252,32 @@ def rule_getitem(c: Coupler, node: Node) -> None:
                 d += it is not None
             n.args = (n.args[0], tuple(new))
         c.node_fixups[node.name] = fix
+
+
+def rule_aten_slice(c: Coupler, node: Node) -> None:
+    """aten.slice(x, dim, start, end, step), the exported form of ``x[..., a:b:s]``: the kept range of
+    ``dim`` links to the output; surgery rewrites the bounds (a strided slice fixes the input's size)."""
+    x = node.args[0]
+    xs = c.shape(x)
+    dim = arg(node, 1, "dim", 0) % len(xs)
+    rng = range(*slice(arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)).indices(xs[dim]))
+    for d in range(len(xs)):
+        if d != dim:
+            c.union(c.sp(x, d), c.sp(node, d), node)
+    a, b = c.sp(x, dim), c.sp(node, dim)
+    if len(rng) == xs[dim] and rng.step == 1:
+        c.union(a, b, node)
+        return
+    if rng.step != 1:
+        c.s.poison_space(a, f"strided slice at node '{node.name}'")
+    c.s.link(a, np.asarray(rng), b, np.arange(len(rng)))
+
+    def fix(n: Node, kept: Kept) -> None:
+        m = kept(a)
+        if not m.all():
+            start = int(m[:rng.start].sum())
+            n.args, n.kwargs = (n.args[0], dim, start, start + int(m[np.asarray(rng)].sum())), {}
+    c.node_fixups[node.name] = fix
 
 
 def rule_reduce(c: Coupler, node: Node) -> None:
