@@ -78,6 +78,10 @@ class ChannelGroup:
                 f"multiple={self.multiple}, {state})")
 
 
+# where a functional batch norm takes its weight: (position, keyword)
+_BN_WEIGHT_ARG = {torch.nn.functional.batch_norm: (3, "weight"), torch.ops.aten.batch_norm.default: (1, "weight")}
+
+
 class ChannelGraph:
     """A traced model: `nx` (the program), `groups` (coupled channels), `macs()` / `params()`."""
 
@@ -202,11 +206,23 @@ class ChannelGraph:
         self.groups: list[ChannelGroup] = groups
 
     def _sole_bn(self, node: fx.Node) -> str | None:
+        """The BatchNorm module that alone reads `node`'s output: a module call, or the functional /
+        ATen batch norm (the export front end) on the tensors of a plain `nn.BatchNorm*` module."""
         users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module":
-            m = self.coupler.modules[users[0].target]
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                return users[0].target
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if user.op == "call_module":
+            m = self.coupler.modules[user.target]
+            return user.target if isinstance(m, nn.modules.batchnorm._BatchNorm) else None
+        weight = _BN_WEIGHT_ARG.get(user.target) if user.op == "call_function" else None
+        if weight is None or not user.args or user.args[0] is not node:
+            return None
+        w = user.args[weight[0]] if len(user.args) > weight[0] else user.kwargs.get(weight[1])
+        if isinstance(w, fx.Node) and w.op == "get_attr":
+            owner = w.target.rpartition(".")[0]
+            if type(self.coupler.modules.get(owner)) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+                return owner  # a subclass may add to the functional call (e.g. an activation): not a plain BN
         return None
 
     def _groups_in_root(self, root: int) -> list[int]:

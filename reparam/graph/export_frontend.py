@@ -9,6 +9,12 @@ of ATen ops).
 """
 from __future__ import annotations
 
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_unflatten
@@ -18,12 +24,32 @@ from .errors import GraphTraceError
 __all__ = ["export_graph"]
 
 
+@contextmanager
+def _quiet_export() -> Iterator[None]:
+    """torch.export logs (and prints) its failed guesses; the GraphTraceError says what failed instead."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+
+
 def export_graph(model: nn.Module, example_inputs: tuple) -> fx.Graph:
     """The ATen graph of ``model`` on ``example_inputs`` (non-strict `torch.export`, eval mode), with
     every parameter and buffer read through ``get_attr``. GraphTraceError when export fails or the
     program mutates a buffer or holds tensor constants (those have no module attribute to slice)."""
     try:
-        program = torch.export.export(model, example_inputs, strict=False)
+        with _quiet_export():
+            program = torch.export.export(model, example_inputs, strict=False)
     except Exception as exc:
         raise GraphTraceError(f"torch.export could not capture the model: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

@@ -42,6 +42,8 @@ def test_export_finds_the_groups_and_macs_of_fx_and_prunes_to_the_same_function(
     fx_graph, ex_graph = trace(model, x, frontend="fx"), trace(model, x, frontend="export")
     assert sorted(map(signature, fx_graph.groups)) == sorted(map(signature, ex_graph.groups))
     assert fx_graph.macs() == ex_graph.macs() and fx_graph.params() == ex_graph.params()
+    norms = lambda g: sorted((p.module, p.norm) for gr in g.groups for p in gr.producers)  # noqa: E731
+    assert norms(fx_graph) == norms(ex_graph)  # each producer's BatchNorm is found through the ATen call too
     keep = random_keep(fx_graph, 0.6, np.random.default_rng(0))
     if not keep:
         pytest.skip("nothing prunable")

@@ -60,6 +60,7 @@ CASES = {
     "select_out": lambda t, d: ops.select_out(t(d["k3"]), t(d["b4"]), [0, 3], groups=2)[:2],
     "select_in": lambda t, d: ops.select_in(t(d["k3"]), [1, 3], 2)[0],
     "select_norm": lambda t, d: ops.bn_scale_shift(ops.select_norm(_stats(t, d), [1, 2])),
+    "select_axes": lambda t, d: ops.slicing.select_axes(t(d["k3"]), [[0, 3], None, [1]]),
 }
 
 
