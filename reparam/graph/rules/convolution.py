@@ -16,6 +16,8 @@ def _conv(c: Coupler, node: Node, x: Node, w: tuple[int, ...], b: tuple[int, ...
     if len(xs) != len(ys) or len(xs) < 3:
         raise Unsupported("convolutions need a batch dim")
     c.union(c.sp(x, 0), c.sp(node, 0), node)
+    for d in range(2, len(ys)):  # positions, not channels: whatever reads them as features keeps them all
+        c.s.poison_space(c.sp(node, d), f"its size is the spatial extent of the convolution at node '{node.name}'")
     cin, cout = xs[1], ys[1]
     x1, y1 = c.sp(x, 1), c.sp(node, 1)
     c.union(y1, w[0], node)

@@ -19,6 +19,8 @@ def _batch_channel_rule(c: Coupler, node: Node, x: Node) -> None:
             raise Unsupported("unexpected rank")
         for d in range(2):
             c.union(c.sp(x, d), c.sp(node, d, i), node)
+        for d in range(2, len(ys)):
+            c.s.poison_space(c.sp(node, d, i), f"its size is the spatial extent of the pooling at node '{node.name}'")
 
 
 def rule_pool(c: Coupler, node: Node) -> None:

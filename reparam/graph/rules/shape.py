@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import fx
 from torch.fx import Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
@@ -66,10 +68,33 @@ def _reshape_coupling(c: Coupler, x: Node, node: Node) -> None:
                 c.s.poison_space(c.sp(node, d), why)
 
 
-def _resized(vals: Sequence[Any], old: Sequence[int], new: Sequence[int]) -> list[Any]:
-    """Size arguments after surgery: every dim whose size changed gets its new size as a constant
-    (whether it was a constant or computed from another tensor's shape); -1 and unchanged dims stay."""
-    return [new[k] if new[k] != old[k] and not (isinstance(v, int) and v == -1) else v for k, v in enumerate(vals)]
+def size_sources(c: Coupler, value: Any, depth: int = 8) -> list[int]:
+    """The spaces a size computed at run time reads (``x.shape[d]``, ``x.size(d)``, arithmetic on them)."""
+    if not isinstance(value, Node) or depth == 0:
+        return []
+    if value.op == "call_method" and value.target == "size" and len(value.args) > 1:
+        x, d = value.args[0], value.args[1]
+        return [c.sp(x, d)] if isinstance(d, int) and c.shape(x) is not None else []
+    if value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[0], Node):
+        whole, d = value.args
+        shaped = (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1) or (
+            whole.op == "call_function" and whole.target is getattr and whole.args[1:] == ("shape",))
+        if shaped and isinstance(d, int):
+            return [c.sp(whole.args[0], d)] if c.shape(whole.args[0]) is not None else []
+    found: list[int] = []
+    fx.node.map_arg((value.args, value.kwargs), lambda n: found.extend(size_sources(c, n, depth - 1)))
+    return found
+
+
+def _resized(c: Coupler, vals: Sequence[Any], old: Sequence[int], new: Sequence[int], kept: Kept) -> list[Any]:
+    """Size arguments after surgery: every dim whose size changed gets its new size as a constant, and so
+    does every size computed from a dim that surgery changes (e.g. ``C // heads`` read from a pruned
+    tensor, for a dim that keeps its size); -1 and other sizes stay (a batch size stays dynamic)."""
+    def stale(v: Any) -> bool:
+        return any(int(kept(s).sum()) != c.s.size[s] for s in size_sources(c, v))
+
+    return [new[k] if not (isinstance(v, int) and v == -1) and (new[k] != old[k] or stale(v)) else v
+            for k, v in enumerate(vals)]
 
 
 _aten = torch.ops.aten
@@ -90,13 +115,13 @@ def rule_reshape(c: Coupler, node: Node) -> None:
             if n.target == "unflatten":
                 dim, sizes = n.args[1], n.args[2]
                 start = dim % len(c.shape(n.args[0]))
-                n.args = (n.args[0], dim, tuple(_resized(sizes, old[start:], new[start:])))
+                n.args = (n.args[0], dim, tuple(_resized(c, sizes, old[start:], new[start:], kept)))
                 return
             sized = n.target in _SIZED
             spec = n.args[1] if sized else n.args[1:]
             packed = sized or (len(spec) == 1 and isinstance(spec[0], (tuple, list)))
             vals = list(spec if sized else (spec[0] if packed else spec))
-            vals = _resized(vals, old, new)
+            vals = _resized(c, vals, old, new, kept)
             n.args = (n.args[0], vals) if packed else (n.args[0], *vals)
         c.node_fixups[node.name] = fix
 
@@ -130,7 +155,7 @@ def rule_expand(c: Coupler, node: Node) -> None:
         def fix(n: Node, kept: Kept) -> None:
             spec = n.args[1:]
             packed = len(spec) == 1 and isinstance(spec[0], (tuple, list))
-            vals = _resized(list(spec[0] if packed else spec), old, [int(kept(s).sum()) for s in out])
+            vals = _resized(c, list(spec[0] if packed else spec), old, [int(kept(s).sum()) for s in out], kept)
             n.args = (n.args[0], vals) if packed else (n.args[0], *vals)
         c.node_fixups[node.name] = fix
 
@@ -222,6 +247,11 @@ def rule_getitem(c: Coupler, node: Node) -> None:
         elif isinstance(it, int):
             c.s.poison_space(c.sp(x, d_in), f"indexed at a constant position at node '{node.name}'")
             d_in += 1
+        elif isinstance(it, slice) and any(isinstance(v, Node) for v in (it.start, it.stop, it.step)):
+            why = f"sliced with bounds computed at run time at node '{node.name}'"
+            c.s.poison_space(c.sp(x, d_in), why)
+            c.s.poison_space(c.sp(node, d_out), why)
+            d_in, d_out = d_in + 1, d_out + 1
         elif isinstance(it, slice):
             rng = range(*it.indices(xs[d_in]))
             a, b = c.sp(x, d_in), c.sp(node, d_out)
