@@ -134,8 +134,9 @@ def test_untraceable_model(tmp_path, monkeypatch, base_run, capsys):
 
 @pytest.mark.slow
 def test_demo_meets_its_numbers(tmp_path, capsys):
-    """`make demo`: >= 40% fewer MACs, <= 1 point accuracy drop, exact conversion."""
+    """`make demo`: >= 40% fewer MACs, <= 1 point accuracy drop, exact conversion (removed rows 0)."""
     assert main(["demo", "--out", str(tmp_path)]) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["macs_reduction"] >= 0.40 and s["accuracy_drop"] <= 1.0 and s["max_rel_error"] <= 1e-5
+    assert s["largest_removed_norm"] <= 1e-6 and s["plan"]["recipe"] == "budget"  # exact by construction
     assert "pruned accuracy" in capsys.readouterr().out and (tmp_path / "widths.png").is_file()
