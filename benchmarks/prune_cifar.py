@@ -110,6 +110,7 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "score: compactor-row norm (the paper's metric)": ("--score", "norm"),
     "score: fused filter-row norm": ("--score", "fused"),
     "kept rows: 10x lasso, residual groups too": ("--lasso-strength", "1e-3", "--residual-lasso"),
+    "kept rows: residual-coupled compactors trained": ("--train-residual-compactors",),
     "forgetting: masked rows zeroed at once": ("--freeze-fraction", "0.251"),
     "masking: spread over 55% of the run": ("--mask-end-fraction", "0.55", "--freeze-fraction", "0.6"),
     "optimizer: compactor momentum 0.99, bias lr x2": ("--compactor-momentum", "0.99", "--bias-lr-factor", "2"),

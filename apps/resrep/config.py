@@ -15,6 +15,9 @@ Two recipes (``recipe``), resolved for a run of N iterations into a `apps.resrep
 
   - kept rows feel at most the paper's ``lasso_strength`` (1e-4), none on residual-coupled groups
     (``residual_lasso`` False), and no penalty at all once the masks are frozen;
+  - the kept rows of residual-coupled compactors get no task gradient either
+    (``train_residual_compactors`` False): they stay identity rows, so the residual streams the
+    classifier reads are only ever cut, never rescaled (the paper recipe trains them);
   - a masked row gets no task gradient and no penalty; it is *written*, not stepped: from the round that
     masks it, it fades linearly to exactly 0 over ``freeze - mask_end`` iterations (its momentum entries
     are cleared when the optimizer is known), so every removed row is exactly zero at the freeze and the
@@ -35,8 +38,8 @@ Two recipes (``recipe``), resolved for a run of N iterations into a `apps.resrep
 * ``"auto"`` (default) — ``"paper"`` when the run is long enough for the paper's own timeline (lasso
   warm-up, 4 channels per 200 iterations, ~(1-0.99)/(lr·λ) iterations for a masked row to decay) to fit
   in the first ``freeze_fraction`` of it, ``"budget"`` otherwise; ``auto_switch_iters`` overrides that
-  switch point. ``bias_lr_factor``, ``compactor_momentum``, ``residual_lasso`` and ``score`` left at
-  ``None`` take the chosen recipe's value.
+  switch point. ``bias_lr_factor``, ``compactor_momentum``, ``residual_lasso``,
+  ``train_residual_compactors`` and ``score`` left at ``None`` take the chosen recipe's value.
 
 Both recipes must end at or below ``flops_target``; `ResRep.check_target` says by how much a run
 missed it and what to change. Conversion: ``threshold`` 1e-5 is the largest removed-row norm that counts
@@ -74,6 +77,7 @@ class ResRepConfig:
     compactor_momentum: float | None = None
     lasso_strength: float = 1e-4
     residual_lasso: bool | None = None
+    train_residual_compactors: bool | None = None
     # the paper recipe's schedule
     mask_interval: int = 200
     before_mask_iters: int | None = None

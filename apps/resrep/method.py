@@ -366,7 +366,8 @@ class ResRep:
 
         Paper recipe: the lasso λ on every row (masked rows feel only it). Budget recipe: λ on kept
         rows only (of single-producer groups unless ``residual_lasso``) and none after the freeze;
-        masked rows get a zero gradient; the task gradients first feed the Taylor scores. Call after
+        masked rows, and the kept rows of residual-coupled groups unless ``train_residual_compactors``,
+        get no task gradient; the task gradients first feed the Taylor scores. Call after
         ``loss.backward()`` (so after DDP's all-reduce) and, with a GradScaler, after
         ``scaler.unscale_(optimizer)``; the result then goes through the usual momentum step."""
         plan = self.plan
@@ -376,9 +377,11 @@ class ResRep:
         lasso = plan.lasso(step)
         for site, compactor in self.compactors():
             weight, keep = compactor.weight, compactor.mask.bool()
-            eligible = self._lasso_rows[site.module].to(keep.device) | plan.residual_lasso
+            single = self._lasso_rows[site.module].to(keep.device)
+            eligible = single | plan.residual_lasso
             rows = eligible & keep if plan.recipe == "budget" else eligible | ~keep
-            weight.grad = compactor_gradient(weight, weight.grad, keep, lasso * rows.to(weight.dtype))
+            task = keep & (single | plan.train_residual_compactors)
+            weight.grad = compactor_gradient(weight, weight.grad, task, lasso * rows.to(weight.dtype))
 
     @torch.no_grad()
     def _accumulate_taylor(self) -> None:

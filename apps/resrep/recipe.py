@@ -20,8 +20,10 @@ __all__ = ["Plan", "resolve", "paper_min_iters"]
 
 #: The two recipes' values for the fields a config leaves at None.
 RECIPE_DEFAULTS: dict[str, dict[str, object]] = {
-    "paper": {"bias_lr_factor": 2.0, "compactor_momentum": 0.99, "residual_lasso": True, "score": "norm"},
-    "budget": {"bias_lr_factor": 1.0, "compactor_momentum": 0.9, "residual_lasso": False, "score": "taylor"},
+    "paper": {"bias_lr_factor": 2.0, "compactor_momentum": 0.99, "residual_lasso": True,
+              "train_residual_compactors": True, "score": "norm"},
+    "budget": {"bias_lr_factor": 1.0, "compactor_momentum": 0.9, "residual_lasso": False,
+               "train_residual_compactors": False, "score": "taylor"},
 }
 
 
@@ -49,6 +51,7 @@ class Plan:
     bias_lr_factor: float
     compactor_momentum: float
     residual_lasso: bool
+    train_residual_compactors: bool
     score: Score
     #: budget recipe: ``{iteration: kept-MACs goal}`` of every mask round, in order
     rounds: dict[int, float] = field(default_factory=dict)
@@ -105,7 +108,8 @@ class Plan:
         """The resolved schedule, for logs and summaries."""
         out: dict[str, object] = {"recipe": self.recipe, "total_iters": self.total_iters,
                                   "bias_lr_factor": self.bias_lr_factor, "compactor_momentum": self.compactor_momentum,
-                                  "residual_lasso": self.residual_lasso, "score": self.score}
+                                  "residual_lasso": self.residual_lasso,
+                                  "train_residual_compactors": self.train_residual_compactors, "score": self.score}
         if self.recipe == "budget":
             out.update(mask_start=self.mask_start, mask_end=self.mask_end, freeze=self.freeze,
                        forget_iters=self.forget_iters, rounds=len(self.rounds))
@@ -137,7 +141,8 @@ def resolve(config: ResRepConfig, total_iters: int | None, iters_per_epoch: int 
 
     common = dict(recipe=recipe, config=config, total_iters=total_iters, iters_per_epoch=iters_per_epoch,
                   bias_lr_factor=float(pick("bias_lr_factor")), compactor_momentum=float(pick("compactor_momentum")),
-                  residual_lasso=bool(pick("residual_lasso")), score=pick("score"))
+                  residual_lasso=bool(pick("residual_lasso")),
+                  train_residual_compactors=bool(pick("train_residual_compactors")), score=pick("score"))
     if recipe == "paper":
         return Plan(**common)
     if total_iters is None or total_iters < 3:

@@ -42,8 +42,8 @@ def test_paper_recipe_constants_match_the_spec():
             cfg.num_at_least, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.threshold) == \
         (0.471, 1e-4, 200, 5, 4, 1, 0.01, 0.9, 1e-4, 1e-5)
     plan = resolve(cfg, None, 781)
-    assert (plan.recipe, plan.bias_lr_factor, plan.compactor_momentum, plan.residual_lasso, plan.score) == \
-        ("paper", 2.0, 0.99, True, "norm")
+    assert (plan.recipe, plan.bias_lr_factor, plan.compactor_momentum, plan.residual_lasso,
+            plan.train_residual_compactors, plan.score) == ("paper", 2.0, 0.99, True, True, "norm")
     assert not plan.cumulative
     assert cfg.mask_start(781) == 3905 and not plan.is_mask_update(3905) and plan.is_mask_update(4105)
     assert not plan.is_mask_update(4106) and plan.is_mask_update(4305)
@@ -107,8 +107,10 @@ def test_forgetting_reaches_exact_zero_on_the_stated_iteration_and_conversion_is
     assert report.max_rel_error_vs_trained <= 1e-10  # the deploy model is the trained one
 
 
-def test_budget_gradients_masked_rows_none_kept_rows_light_and_penalty_off_after_freeze():
-    rr = budget(total=40)
+@pytest.mark.parametrize("train_residual", [None, True])
+def test_budget_gradients_masked_rows_none_kept_rows_light_and_penalty_off_after_freeze(train_residual):
+    rr = budget(total=40, train_residual_compactors=train_residual)
+    assert rr.plan.train_residual_compactors is bool(train_residual)
     opt = rr.optimizer()
     sched = rr.lr_scheduler(opt)
     for it in range(rr.plan.mask_end + 1):
@@ -128,9 +130,41 @@ def test_budget_gradients_masked_rows_none_kept_rows_light_and_penalty_off_after
             assert bool((g[~keep] == 0).all())  # masked rows: neither task gradient nor penalty
             single = rr._lasso_rows[site.module] & keep
             lasso = 1e-4 if phase == "before" else 0.0
-            expected = raw[site.module].flatten(1)[keep] + lasso * (w / w.norm(dim=1, keepdim=True))[keep] * \
-                single[keep].double().reshape(-1, 1)
+            trained = (single | bool(train_residual))[keep].double().reshape(-1, 1)
+            expected = raw[site.module].flatten(1)[keep] * trained + \
+                lasso * (w / w.norm(dim=1, keepdim=True))[keep] * single[keep].double().reshape(-1, 1)
             assert torch.allclose(g[keep], expected, rtol=1e-12, atol=1e-15)
+
+
+def test_budget_residual_compactors_keep_their_kept_rows_identity():
+    """Budget recipe: a residual-coupled compactor's kept rows never move (no gradient, no decay), so the
+    stream is only ever cut; single-producer rows train; the paper recipe trains both."""
+    rr = budget(total=40)
+    start = {s.module: c.weight.detach().clone() for s, c in rr.compactors()}
+    opt = rr.optimizer()
+    sched = rr.lr_scheduler(opt)
+    for it in range(40):
+        step(rr, opt, sched, it)
+    residual = single = 0
+    for site, c in rr.compactors():
+        keep, lone = rr.row_keep(site), rr._lasso_rows[site.module]
+        w, w0 = c.weight.detach().flatten(1), start[site.module].flatten(1)
+        if bool((keep & ~lone).any()):
+            assert torch.equal(w[keep & ~lone], w0[keep & ~lone])
+            residual += 1
+        if bool((keep & lone).any()):
+            assert not torch.equal(w[keep & lone], w0[keep & lone])
+            single += 1
+    assert residual and single
+    rr = budget(total=40, train_residual_compactors=True)
+    opt = rr.optimizer()
+    sched = rr.lr_scheduler(opt)
+    for it in range(3):
+        step(rr, opt, sched, it)
+    moved = [not torch.equal(c.weight.detach().flatten(1)[~rr._lasso_rows[s.module]],
+                             torch.eye(c.weight.shape[0], dtype=c.weight.dtype)[~rr._lasso_rows[s.module]])
+             for s, c in rr.compactors() if bool((~rr._lasso_rows[s.module]).any())]
+    assert moved and all(moved)
 
 
 def test_masking_clears_the_momentum_of_the_masked_rows():
