@@ -16,6 +16,9 @@ from .rules import is_rule_leaf
 LeafSpec = str | type[nn.Module]
 
 
+_PLAIN_CONSTANTS = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
+
+
 class _LeafTracer(fx.Tracer):
     """Tracer that also treats user-named modules (qualified names or classes) as leaves and
     remembers which module it was inside when tracing failed."""
@@ -36,7 +39,11 @@ class _LeafTracer(fx.Tracer):
 
     def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._attr_names: tuple[dict[int, str], dict[int, str]] | None = None
-        return super().trace(root, concrete_args)
+        saved = _plain_state(root) if isinstance(root, nn.Module) else []
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            _drop_leaked_proxies(saved)
 
     def _names(self) -> tuple[dict[int, str], dict[int, str]]:
         """``id(tensor) → qualified name`` of the root's parameters and buffers, built once per trace."""
@@ -69,8 +76,14 @@ class _LeafTracer(fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         """fx's argument emission, with a root tensor found through the same table: fx scans every named
         buffer for each tensor passed as an argument (a norm layer calling ``F.batch_norm`` on its own
-        running statistics: ~0.4 s on a RepVGG)."""
-        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+        running statistics: ~0.4 s on a RepVGG). Proxies and plain constants, most arguments, take the
+        shortest way: fx's first checks (``isinstance(proxy, nn.Parameter)`` builds an attribute proxy)
+        cost more than the rest of the emission."""
+        if isinstance(a, fx.Proxy):
+            return a.node
+        if type(a) in _PLAIN_CONSTANTS:
+            return a
+        if isinstance(a, torch.Tensor):
             params, buffers = self._names()
             name = (params if isinstance(a, nn.Parameter) else buffers).get(id(a))
             if name is not None:
@@ -82,6 +95,49 @@ class _LeafTracer(fx.Tracer):
         out = super().call_module(m, forward, args, kwargs)
         self.module_stack_names.pop()
         return out
+
+
+_PLAIN_SKIP = frozenset(("_parameters", "_buffers", "_modules"))
+_MISSING = object()
+_Saved = list[tuple[nn.Module, dict[str, Any]]]
+
+
+def _plain_state(root: nn.Module) -> _Saved:
+    """Every module's plain attributes (not parameters, buffers or submodules) as they are before a trace."""
+    return [(m, dict(vars(m))) for m in root.modules()]
+
+
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_proxy(v) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_proxy(v) for v in value)
+    return False
+
+
+def _drop_leaked_proxies(saved: _Saved) -> None:
+    """Undo what a traced `forward` stored in its modules that holds proxies (a per-device cache
+    ``self.cache[key] = self.biases[:, idx]`` filled in eval mode): a proxy of this trace kept in the model
+    would be read as a value by the next trace, whose program then references a node of another graph.
+    An attribute bound to a proxy gets its value from before the trace back (or goes, if it is new); a
+    dict or list keeps its other entries and loses those that hold proxies."""
+    for m, before in saved:
+        for k, v in list(vars(m).items()):
+            unchanged = before.get(k, _MISSING) is v and not (v and isinstance(v, (dict, list)))
+            if unchanged or k in _PLAIN_SKIP or not _holds_proxy(v):
+                continue
+            if before.get(k) is not v or not isinstance(v, (dict, list)):
+                if k in before:
+                    object.__setattr__(m, k, before[k])
+                else:
+                    delattr(m, k)  # set during the trace
+            elif isinstance(v, dict):
+                for key in [key for key, item in v.items() if _holds_proxy(item)]:
+                    del v[key]
+            else:
+                v[:] = [item for item in v if not _holds_proxy(item)]
 
 
 def as_tuple(example_inputs: torch.Tensor | tuple | list) -> tuple:
@@ -122,8 +178,12 @@ class _ShapeRecorder(fx.Interpreter):  # runs on the model itself: no GraphModul
         super().__init__(root, graph=graph)
         self._opaque = opaque
 
+    def _computes(self, n: fx.Node) -> bool:
+        """Whether the node can cost MACs: it reads a tensor, and is not an attribute lookup (``x.shape``)."""
+        return n.target is not getattr and any(isinstance(self.env[a], torch.Tensor) for a in n.all_input_nodes)
+
     def run_node(self, n: fx.Node) -> Any:
-        if n.op in ("call_module", "call_function", "call_method") and self._opaque(n):
+        if n.op in ("call_module", "call_function", "call_method") and self._computes(n) and self._opaque(n):
             # with grad enabled, fused inference fast paths (which the counter cannot see) stay off
             with FlopCounterMode(display=False) as counter, torch.enable_grad():
                 out = super().run_node(n)

@@ -259,6 +259,29 @@ class FunctionalNorms(nn.Module):
         return self.head(x).mean((2, 3))
 
 
+class CachedBias(nn.Module):
+    """LeViT / EfficientFormer attention: in eval mode a bias gathered from a table is cached per device in a
+    plain dict (``self.cache[key] = self.table[:, idx]``), so a trace stores its own proxy in the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 2, 1)
+        self.table = nn.Parameter(torch.randn(6, 4))
+        self.register_buffer("idx", torch.tensor([[0, 1, 2], [3, 2, 1], [0, 0, 3]]), persistent=False)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def bias(self, device: torch.device) -> torch.Tensor:
+        if self.training:
+            return self.table[:, self.idx]
+        if str(device) not in self.cache:
+            self.cache[str(device)] = self.table[:, self.idx]
+        return self.cache[str(device)]
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(y + self.bias(x.device)[None]).mean((2, 3))
+
+
 TRICKY = {
     "functional_norms": (FunctionalNorms, (2, 3, 6, 6)),
     "cifar_resnet": (CifarResNet, (2, 3, 8, 8)),
@@ -271,4 +294,5 @@ TRICKY = {
     "flatten_linear": (FlattenLinear, (2, 3, 8, 8)),
     "transformer": (TransformerNet, (2, 3, 8, 8)),
     "pad_shortcut": (PadShortcut, (2, 3, 6, 6)),
+    "cached_bias": (CachedBias, (2, 3, 3, 3)),
 }

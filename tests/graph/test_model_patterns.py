@@ -10,6 +10,7 @@ from torch import nn
 from reparam.graph import prune, trace
 
 from .helpers import random_keep
+from .nets import CachedBias
 
 
 class TokenMixer(nn.Module):
@@ -62,7 +63,7 @@ class RunTimeSlice(nn.Module):
 
 
 @pytest.mark.parametrize("cls, shape", [(TokenMixer, (2, 3, 6, 6)), (ComputedHeads, (2, 4, 5)),
-                                        (RunTimeSlice, (2, 3, 5, 5))])
+                                        (RunTimeSlice, (2, 3, 5, 5)), (CachedBias, (2, 3, 3, 3))])
 def test_pruned_model_runs_with_the_predicted_shapes(cls, shape):
     torch.manual_seed(0)
     model = cls().eval()
@@ -80,3 +81,18 @@ def test_token_positions_are_never_channels():
     (tokens,) = [g for g in graph.groups if any(p.module == "tokens.2" for p in g.producers)]
     assert not tokens.prunable and "spatial extent" in tokens.reason
     assert any(g.prunable for g in graph.groups if any(p.module == "tokens.0" for p in g.producers))
+
+
+def test_a_trace_leaves_no_proxy_in_the_model():
+    """Tracing twice (or tracing, then pruning, which traces again) once failed with "Node add referenced
+    nonexistent value getitem": the first trace's proxy, kept in the model's cache, was read by the second."""
+    model, x = CachedBias().eval(), torch.randn(2, 3, 3, 3)
+    first = trace(model, x)
+    assert model.cache == {}
+    second = trace(model, x)
+    assert [g.size for g in first.groups] == [g.size for g in second.groups]
+    small = prune(model, x, random_keep(second, 0.5, np.random.default_rng(0)), graph=second)
+    assert small(x).shape == (2, 2)
+    model.cache["kept"] = torch.zeros(())  # what was there before a trace stays
+    trace(model, x)
+    assert list(model.cache) == ["kept"]

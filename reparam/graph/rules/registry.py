@@ -35,6 +35,7 @@ from .norms import (
 )
 from .resampling import rule_pad, rule_pad_module, rule_patch_merging_pad, rule_pool
 from .shape import (
+    rule_aten_index,
     rule_aten_slice,
     rule_cat,
     rule_expand,
@@ -156,6 +157,7 @@ def _aten_rules() -> dict[Any, Rule]:
         rule_cat: ("cat.default",),
         rule_split: ("split.Tensor", "split_with_sizes.default", "chunk.default", "unbind.int"),
         rule_aten_slice: ("slice.Tensor",),
+        rule_aten_index: ("index.Tensor",),
         rule_pad: ("pad.default",),
         rule_reduce: ("mean.dim", "sum.dim_IntList", "amax.default"),
         rule_matmul: ("matmul.default", "bmm.default"),

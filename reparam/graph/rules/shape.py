@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .coupler import Coupler, Kept, Unsupported, arg, first_tensor, tensor_metas
 
-__all__ = ['rule_aten_slice', 'rule_cat', 'rule_expand', 'rule_getitem', 'rule_permute', 'rule_reduce', 'rule_reshape', 'rule_split', 'rule_stack']
+__all__ = ['rule_aten_index', 'rule_aten_slice', 'rule_cat', 'rule_expand', 'rule_getitem', 'rule_permute', 'rule_reduce', 'rule_reshape', 'rule_split', 'rule_stack']
 
 
 def _align(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]]:
@@ -234,7 +234,8 @@ def rule_getitem(c: Coupler, node: Node) -> None:
     xs = c.shape(x)
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(it, Node) for it in items):
-        raise Unsupported("indexing with a tensor")
+        _gather_coupling(c, x, node, items)
+        return
     if Ellipsis in items:
         e = items.index(Ellipsis)
         explicit = sum(1 for it in items if it is not None and it is not Ellipsis)
@@ -282,6 +283,38 @@ def rule_getitem(c: Coupler, node: Node) -> None:
                 d += it is not None
             n.args = (n.args[0], tuple(new))
         c.node_fixups[node.name] = fix
+
+
+def _gather_coupling(c: Coupler, x: Node, node: Node, items: Sequence[Any]) -> None:
+    """``x[:, idx]`` (LeViT's attention biases, gathered from a table by a position index): dims taken whole
+    pass through; the dims a tensor indexes are gathered (positions, never channels) and so are the dims the
+    index's shape puts in the output — where the first index stands when the indices are adjacent, first
+    otherwise (the NumPy rule). Other mixes (ints, partial slices, None, boolean masks) stay unsupported."""
+    xs, out = c.shape(x), c.shape(node)
+    tensors = [k for k, it in enumerate(items) if isinstance(it, Node)]
+    for k, it in enumerate(items):
+        if isinstance(it, Node):
+            meta = it.meta.get("tensor_meta")
+            if not isinstance(meta, TensorMetadata) or meta.dtype in (torch.bool, torch.uint8):
+                raise Unsupported("indexing with a boolean mask")
+        elif it != slice(None):
+            raise Unsupported(f"index {it!r} beside a tensor index")
+    whole = [d for d in range(len(xs)) if d >= len(items) or not isinstance(items[d], Node)]
+    gathered = len(out) - len(whole)
+    first = tensors[0] if tensors == list(range(tensors[0], tensors[-1] + 1)) else 0
+    why = f"gathered by a tensor index at node '{node.name}'"
+    for d in tensors:
+        c.s.poison_space(c.sp(x, d), why)
+    for d in range(first, first + gathered):
+        c.s.poison_space(c.sp(node, d), why)
+    for d_in, d_out in zip(whole, [d for d in range(len(out)) if not first <= d < first + gathered]):
+        c.union(c.sp(x, d_in), c.sp(node, d_out), node)
+
+
+def rule_aten_index(c: Coupler, node: Node) -> None:
+    """aten.index.Tensor(x, indices), the exported form of ``x[:, idx]`` (``None`` for a dim taken whole)."""
+    x, indices = node.args[0], node.args[1]
+    _gather_coupling(c, x, node, [slice(None) if i is None else i for i in indices])
 
 
 def rule_aten_slice(c: Coupler, node: Node) -> None:
