@@ -1,11 +1,11 @@
 """Helpers shared by the benchmark scripts: atomic JSON results, plain-text tables, run metadata."""
+
 from __future__ import annotations
 
 import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -13,14 +13,12 @@ from typing import Any
 
 import torch
 
+from reparam.atomic import atomic_write_text
+
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write atomically (temp file + rename), so an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    """Write atomically, so an interrupted run never leaves half a file."""
+    atomic_write_text(json.dumps(payload, indent=1), path)
 
 
 def print_table(header: list[str], rows: list[list[Any]]) -> None:
@@ -33,12 +31,23 @@ def print_table(header: list[str], rows: list[list[Any]]) -> None:
 
 def machine_meta(**extra: Any) -> dict[str, Any]:
     """Date, machine, thread count, package versions and the repository commit to store beside every result."""
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
-                         capture_output=True, text=True, check=False).stdout.strip() or None
+    git = (
+        subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        or None
+    )
     meta: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reparam_commit": git,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reparam_commit": git,
         "python": platform.python_version(),
-        "machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
     }
     for package in ("torch", "torchvision", "numpy", "torch-pruning"):

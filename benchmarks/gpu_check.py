@@ -13,11 +13,11 @@
 
     python benchmarks/gpu_check.py [--data ../shared/data] [--budget-s 540] [--out benchmarks/results/gpu_check.json]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,12 +30,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import machine_meta, write_json
 
 from apps.resrep import ResRep, ResRepConfig
 from apps.resrep.engine import fit
 from apps.resrep.models import CifarResNet
-
-from common import machine_meta, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,26 +55,52 @@ def check_training(amp: str, channels_last: bool, steps: int = 120, device: str 
     device = torch.device(device)
     torch.manual_seed(0)
     batches = _loader(steps, 64, seed=1)
-    rr = ResRep(CifarResNet(20).to(device), batches[0][0][:2].to(device), ResRepConfig(flops_target=0.5, lr=0.05),
-                iters_per_epoch=steps, total_iters=steps)
+    rr = ResRep(
+        CifarResNet(20).to(device),
+        batches[0][0][:2].to(device),
+        ResRepConfig(flops_target=0.5, lr=0.05),
+        iters_per_epoch=steps,
+        total_iters=steps,
+    )
     optimizer = rr.optimizer()
-    history = fit(rr.model, batches, None, epochs=1, optimizer=optimizer, scheduler=rr.lr_scheduler(optimizer),
-                  hooks=rr, amp=amp, channels_last=channels_last, device=device, progress=False)
+    history = fit(
+        rr.model,
+        batches,
+        None,
+        epochs=1,
+        optimizer=optimizer,
+        scheduler=rr.lr_scheduler(optimizer),
+        hooks=rr,
+        amp=amp,
+        channels_last=channels_last,
+        device=device,
+        progress=False,
+    )
     rr.check_target()
     x = batches[0][0][:32].to(device)
     deploy, report = rr.convert(x)
-    out: dict[str, Any] = {"amp": amp, "channels_last": channels_last, "steps": steps,
-                           "train_loss": history[-1]["train_loss"], "recipe": rr.plan.recipe,
-                           "macs_kept": report.macs_after / report.macs_before,
-                           "largest_removed_norm": report.largest_removed_norm, "max_rel_error": report.max_rel_error}
+    out: dict[str, Any] = {
+        "amp": amp,
+        "channels_last": channels_last,
+        "steps": steps,
+        "train_loss": history[-1]["train_loss"],
+        "recipe": rr.plan.recipe,
+        "macs_kept": report.macs_after / report.macs_before,
+        "largest_removed_norm": report.largest_removed_norm,
+        "max_rel_error": report.max_rel_error,
+    }
     if channels_last:
         with torch.no_grad():
             nhwc = deploy.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
             nchw = deploy.to(memory_format=torch.contiguous_format)(x.contiguous())
         out["nhwc_vs_nchw_rel"] = float((nhwc - nchw).abs().max() / nchw.abs().max())
-    out["ok"] = bool(torch.isfinite(torch.tensor(out["train_loss"])) and out["macs_kept"] <= 0.5
-                     and out["largest_removed_norm"] == 0.0 and report.max_rel_error <= 1e-5
-                     and out.get("nhwc_vs_nchw_rel", 0.0) <= 1e-5)
+    out["ok"] = bool(
+        torch.isfinite(torch.tensor(out["train_loss"]))
+        and out["macs_kept"] <= 0.5
+        and out["largest_removed_norm"] == 0.0
+        and report.max_rel_error <= 1e-5
+        and out.get("nhwc_vs_nchw_rel", 0.0) <= 1e-5
+    )
     return out
 
 
@@ -83,17 +108,44 @@ def check_ddp_nccl(tmp: Path) -> dict[str, Any]:
     """One-GPU torchrun of the prune CLI on digits: the NCCL path end to end."""
     base = [sys.executable, "-m", "apps.resrep"]
     data = ["--dataset", "digits", "--arch", "digits_resnet", "--width", "8", "--no-progress", "--batch-size", "64"]
-    subprocess.run([*base, "train", *data, "--epochs", "3", "--lr", "0.1", "--out", str(tmp / "base")], cwd=REPO,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*base, "train", *data, "--epochs", "3", "--lr", "0.1", "--out", str(tmp / "base")],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
-    done = subprocess.run([*torchrun, "-m", "apps.resrep", "prune", *data, "--epochs", "3", "--flops-target", "0.6",
-                           "--checkpoint", str(tmp / "base" / "last.pt"), "--out", str(tmp / "ddp"),
-                           "--formats", "state_dict"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            *torchrun,
+            "-m",
+            "apps.resrep",
+            "prune",
+            *data,
+            "--epochs",
+            "3",
+            "--flops-target",
+            "0.6",
+            "--checkpoint",
+            str(tmp / "base" / "last.pt"),
+            "--out",
+            str(tmp / "ddp"),
+            "--formats",
+            "state_dict",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     summary = json.loads((tmp / "ddp" / "summary.json").read_text()) if done.returncode == 0 else {}
-    return {"exit_code": done.returncode, "world_size": summary.get("world_size"),
-            "target_met": summary.get("target_met"), "largest_removed_norm": summary.get("largest_removed_norm"),
-            "stderr_tail": done.stderr[-1500:] if done.returncode else "",
-            "ok": done.returncode == 0 and bool(summary.get("target_met"))}
+    return {
+        "exit_code": done.returncode,
+        "world_size": summary.get("world_size"),
+        "target_met": summary.get("target_met"),
+        "largest_removed_norm": summary.get("largest_removed_norm"),
+        "stderr_tail": done.stderr[-1500:] if done.returncode else "",
+        "ok": done.returncode == 0 and bool(summary.get("target_met")),
+    }
 
 
 def epoch_time(iters: int = 782) -> dict[str, Any]:
@@ -118,12 +170,13 @@ def epoch_time(iters: int = 782) -> dict[str, Any]:
             opt.step()
             if hooks is not None:
                 hooks.after_step(next(counter))
+
         return run
 
     runs = {"plain": step(plain.train(), plain_opt, None), "resrep": step(rr.model.train(), rr_opt, rr)}
     totals = {k: 0.0 for k in runs}
     chunk = 50
-    for name, run in runs.items():  # warm-up (cuDNN autotuning, allocator)
+    for run in runs.values():  # warm-up (cuDNN autotuning, allocator)
         for i in range(10):
             run(i)
     for start in range(0, iters, chunk):
@@ -139,9 +192,26 @@ def epoch_time(iters: int = 782) -> dict[str, Any]:
 
 def comparison(data: Path, seconds: float, results: Path) -> dict[str, Any]:
     """`prune_cifar.py --mode full` for b, c, d at 0.471 (seed 0) until `seconds` run out (resumable)."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "prune_cifar.py"), "--data", str(data), "--mode", "full",
-           "--epochs", "4", "--methods", "b,c,d", "--targets", "0.471", "--seeds", "0", "--threads", "8",
-           "--results", str(results)]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "prune_cifar.py"),
+        "--data",
+        str(data),
+        "--mode",
+        "full",
+        "--epochs",
+        "4",
+        "--methods",
+        "b,c,d",
+        "--targets",
+        "0.471",
+        "--seeds",
+        "0",
+        "--threads",
+        "8",
+        "--results",
+        str(results),
+    ]
     try:
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(1.0, seconds))
         return {"command": cmd, "exit_code": done.returncode, "stdout_tail": done.stdout[-4000:]}

@@ -8,6 +8,7 @@ network *is* a plain network). Prints a table and writes `benchmarks/results/ops
 
     python benchmarks/ops.py [--size 64] [--repeats 9] [--seconds 15] [--batches 1 32] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine_meta, print_table, write_json
 
 from reparam.demo import calibrate, dbb_resnet, latencies, parameter_count, repvgg_net
 from reparam.merge import merge
-
-from common import machine_meta, print_table, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ops.json"
 
@@ -67,26 +67,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="input height and width")
     parser.add_argument("--repeats", type=int, default=9, help="least timed rounds per batch size (median)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="more rounds while they fit this time per batch size")
+    parser.add_argument(
+        "--seconds", type=float, default=15.0, help="more rounds while they fit this time per batch size"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads (default: all cores)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = [bench_network(name, args.size, tuple(args.batches), args.repeats, args.seconds) for name in NETWORKS]
 
     header = ["network", "batch", "rounds", "train s", "merged s", "plain s", "train/merged", "merged/plain"]
     rows = [
-        [r["network"], b, t["rounds"], f"{t['train']:.4f}", f"{t['merged']:.4f}", f"{t['plain']:.4f}",
-         f"{t['speedup_train_over_merged']:.2f}x", f"{t['ratio_merged_over_plain']:.3f}"]
-        for r in results for b, t in r["latency_s"].items()
+        [
+            r["network"],
+            b,
+            t["rounds"],
+            f"{t['train']:.4f}",
+            f"{t['merged']:.4f}",
+            f"{t['plain']:.4f}",
+            f"{t['speedup_train_over_merged']:.2f}x",
+            f"{t['ratio_merged_over_plain']:.3f}",
+        ]
+        for r in results
+        for b, t in r["latency_s"].items()
     ]
-    print(f"CPU latency, {args.size}x{args.size} input, float32, {torch.get_num_threads()} threads, "
-          "median over interleaved rounds (one forward of each form per round)")
+    print(
+        f"CPU latency, {args.size}x{args.size} input, float32, {torch.get_num_threads()} threads, "
+        "median over interleaved rounds (one forward of each form per round)"
+    )
     print_table(header, rows)
     for r in results:
         p = r["params"]
-        print(f"{r['network']}: merge {r['merge_s']:.2f} s ({r['blocks_merged']} blocks, {r['bn_folded']} BN folded), "
-              f"max rel error {r['max_rel_error']:.1e}, params {p['train']:,} -> {p['merged']:,} (plain {p['plain']:,})")
+        print(
+            f"{r['network']}: merge {r['merge_s']:.2f} s ({r['blocks_merged']} blocks, {r['bn_folded']} BN folded), "
+            f"max rel error {r['max_rel_error']:.1e}, params {p['train']:,} -> {p['merged']:,} (plain {p['plain']:,})"
+        )
     write_json(RESULTS, {"meta": machine_meta(repeats=args.repeats), "results": results})
     print(f"wrote {RESULTS}")
 

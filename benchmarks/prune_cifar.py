@@ -46,6 +46,7 @@ Accuracies are on CIFAR-10 (JPEG q75): compare drops and MACs reductions with pa
 quick = CIFAR ResNet-20, full = ResNet-56 (option A). ``--train-limit/--test-limit`` keep the first N
 images (smoke runs); such runs go to folders suffixed ``-limit<N>x<M>`` so they never mix with real ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,28 +69,37 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import machine_meta, write_json
 from torch import nn
 
 import reparam
-from apps.resrep.checkpoint import atomic_save, load_file
+from apps.resrep.checkpoint import load_file
 from apps.resrep.cli import restore_resrep
 from apps.resrep.config import ResRepConfig
 from apps.resrep.data import DataConfig, DataInfo, build_loaders
 from apps.resrep.engine import CHECKPOINT_NAME, NonFiniteLossError, OptimConfig, evaluate, fit, resolve_device, sgd
-from apps.resrep.models import (ModelConfig, build_model, deploy_shell, load_state_dict_checked, load_weights,
-                                unwrap_state_dict)
+from apps.resrep.models import (
+    ModelConfig,
+    build_model,
+    deploy_shell,
+    load_state_dict_checked,
+    load_weights,
+    unwrap_state_dict,
+)
 from apps.resrep.selection import select_masks
+from reparam.atomic import atomic_save
 from reparam.demo import latencies
 from reparam.graph import ChannelGroup, load_pruned, prune, save_pruned, trace
-
-from common import machine_meta, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {"quick": "resnet20", "full": "resnet56"}
 METHODS = {"a": "resrep-paper", "b": "resrep-residual", "c": "tp-groupnorm", "d": "l1-oneshot"}
-SCOPES = {"resrep-paper": "internal layers of blocks", "resrep-residual": "all prunable groups",
-          "tp-groupnorm": "internal layers of blocks (TP cannot prune through option-A pads)",
-          "l1-oneshot": "all prunable groups"}
+SCOPES = {
+    "resrep-paper": "internal layers of blocks",
+    "resrep-residual": "all prunable groups",
+    "tp-groupnorm": "internal layers of blocks (TP cannot prune through option-A pads)",
+    "l1-oneshot": "all prunable groups",
+}
 DEFAULT_TARGETS = (0.471, 0.35)
 BATCH = 64
 BASE_EPOCHS, BASE_LR = 2, 0.01
@@ -142,10 +152,15 @@ class Setup:
         """The base model's folder, keyed by its fine-tuning recipe."""
         return self.cache / f"{self.arch}-ft-e{BASE_EPOCHS}-lr{BASE_LR:g}-b{BATCH}{self.limit_suffix}"
 
-    def run_dir(self, run: "Run") -> Path:
+    def run_dir(self, run: Run) -> Path:
         variant = f"-ablation{list(ABLATIONS).index(run.variant)}" if run.variant else ""
-        return (self.out / f"{self.arch}{self.limit_suffix}" / f"e{self.epochs}" /
-                f"{run.method}@{run.target:g}{variant}" / f"s{run.seed}")
+        return (
+            self.out
+            / f"{self.arch}{self.limit_suffix}"
+            / f"e{self.epochs}"
+            / f"{run.method}@{run.target:g}{variant}"
+            / f"s{run.seed}"
+        )
 
     def iters_per_epoch(self) -> int:
         with np.load(self.npz, allow_pickle=False) as z:
@@ -171,8 +186,10 @@ def find_inputs(data: Path, arch: str) -> tuple[Path, Path]:
     if not npz.is_file():
         raise ValueError(f"{npz} not found: --data must hold cifar10-jpeg/cifar10_jpegbytes.npz")
     if len(published) != 1:
-        raise ValueError(f"expected one published checkpoint {data / 'cifar-resnet'}/{arch}-*.th, "
-                         f"found {[p.name for p in published]}")
+        raise ValueError(
+            f"expected one published checkpoint {data / 'cifar-resnet'}/{arch}-*.th, "
+            f"found {[p.name for p in published]}"
+        )
     return npz, published[0]
 
 
@@ -192,8 +209,20 @@ class Step:
 
 def cli(setup: Setup, command: str, *flags: str) -> Callable[[bool], list[str]]:
     """``python -m apps.resrep COMMAND`` with the shared data/model flags, `flags` and ``--resume`` if asked."""
-    data = ["--dataset", "jpeg-npz", "--root", str(setup.npz), "--batch-size", str(BATCH), "--channels-last",
-            "--no-progress", "--arch", setup.arch, "--shortcut", "A"]
+    data = [
+        "--dataset",
+        "jpeg-npz",
+        "--root",
+        str(setup.npz),
+        "--batch-size",
+        str(BATCH),
+        "--channels-last",
+        "--no-progress",
+        "--arch",
+        setup.arch,
+        "--shortcut",
+        "A",
+    ]
     for flag, n in (("--train-limit", setup.train_limit), ("--test-limit", setup.test_limit)):
         data += [flag, str(n)] if n else []
     argv = [sys.executable, "-m", "apps.resrep", command, *data, *flags]
@@ -202,8 +231,22 @@ def cli(setup: Setup, command: str, *flags: str) -> Callable[[bool], list[str]]:
 
 def base_step(setup: Setup) -> Step:
     out = setup.base_dir
-    return Step("base", out, cli(setup, "train", "--checkpoint", str(setup.published), "--epochs", str(BASE_EPOCHS),
-                                 "--lr", f"{BASE_LR:g}", "--out", str(out)))
+    return Step(
+        "base",
+        out,
+        cli(
+            setup,
+            "train",
+            "--checkpoint",
+            str(setup.published),
+            "--epochs",
+            str(BASE_EPOCHS),
+            "--lr",
+            f"{BASE_LR:g}",
+            "--out",
+            str(out),
+        ),
+    )
 
 
 def step_name(run: Run) -> str:
@@ -213,10 +256,31 @@ def step_name(run: Run) -> str:
 def resrep_step(setup: Setup, run: Run) -> Step:
     """ResRep by the CLI with its default recipe (``auto``) and the shared lr; an ablation adds its flags."""
     out = setup.run_dir(run)
-    return Step(step_name(run), out, cli(
-        setup, "prune", "--checkpoint", str(setup.base_dir / CHECKPOINT_NAME), "--epochs", str(setup.epochs),
-        "--lr", f"{FINETUNE.lr:g}", "--flops-target", f"{run.target:g}", "--mode", run.method.removeprefix("resrep-"),
-        "--seed", str(run.seed), "--formats", "state_dict", *ABLATIONS.get(run.variant, ()), "--out", str(out)))
+    return Step(
+        step_name(run),
+        out,
+        cli(
+            setup,
+            "prune",
+            "--checkpoint",
+            str(setup.base_dir / CHECKPOINT_NAME),
+            "--epochs",
+            str(setup.epochs),
+            "--lr",
+            f"{FINETUNE.lr:g}",
+            "--flops-target",
+            f"{run.target:g}",
+            "--mode",
+            run.method.removeprefix("resrep-"),
+            "--seed",
+            str(run.seed),
+            "--formats",
+            "state_dict",
+            *ABLATIONS.get(run.variant, ()),
+            "--out",
+            str(out),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -238,8 +302,19 @@ class Job:
 
 def worker_step(setup: Setup, run: Run) -> Step:
     out = setup.run_dir(run)
-    job = Job(run.method, str(out), str(setup.base_dir), str(setup.npz), setup.arch, run.target, setup.epochs,
-              run.seed, setup.train_limit, setup.test_limit, setup.threads)
+    job = Job(
+        run.method,
+        str(out),
+        str(setup.base_dir),
+        str(setup.npz),
+        setup.arch,
+        run.target,
+        setup.epochs,
+        run.seed,
+        setup.train_limit,
+        setup.test_limit,
+        setup.threads,
+    )
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dataclasses.asdict(job))]
     return Step(step_name(run), out, lambda resume: argv)  # workers always continue from what is on disk
 
@@ -301,8 +376,9 @@ class Context:
     example: torch.Tensor
 
     def fresh_model(self) -> nn.Module:
-        return build_model(model_config(self.job.arch), num_classes=self.info.num_classes,
-                           in_channels=self.info.in_channels)
+        return build_model(
+            model_config(self.job.arch), num_classes=self.info.num_classes, in_channels=self.info.in_channels
+        )
 
     def base_model(self) -> nn.Module:
         return load_weights(self.fresh_model(), Path(self.job.base) / CHECKPOINT_NAME).eval()
@@ -314,13 +390,30 @@ class Context:
     def meta(self, phase: str, steps: int, **more: Any) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it (`fit` compares it)."""
         j = self.job
-        return {"benchmark": "prune_cifar", "method": j.method, "phase": phase, "arch": j.arch, "target": j.target,
-                "epochs": j.epochs, "steps": steps, "seed": j.seed,
-                "data": {"batch_size": BATCH, "train_limit": j.train_limit, "test_limit": j.test_limit},
-                "optim": dataclasses.asdict(FINETUNE), **more}
+        return {
+            "benchmark": "prune_cifar",
+            "method": j.method,
+            "phase": phase,
+            "arch": j.arch,
+            "target": j.target,
+            "epochs": j.epochs,
+            "steps": steps,
+            "seed": j.seed,
+            "data": {"batch_size": BATCH, "train_limit": j.train_limit, "test_limit": j.test_limit},
+            "optim": dataclasses.asdict(FINETUNE),
+            **more,
+        }
 
-    def train(self, model: nn.Module, *, steps: int, out: Path, meta: dict[str, Any], hooks: Any = None,
-              constant_lr: bool = False) -> None:
+    def train(
+        self,
+        model: nn.Module,
+        *,
+        steps: int,
+        out: Path,
+        meta: dict[str, Any],
+        hooks: Any = None,
+        constant_lr: bool = False,
+    ) -> None:
         """`apps.resrep.engine.fit` for ``steps`` iterations with the shared optimizer: lr constant
         (``constant_lr``, a structure-finding phase) or the cosine from lr to 0 over the ``steps`` (the
         fine-tuning rule), resuming from ``out/last.pt`` when present; a checkpoint every epoch. A fresh
@@ -329,9 +422,23 @@ class Context:
         torch.manual_seed(self.job.seed)
         optimizer = sgd(model, FINETUNE)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0) if constant_lr else None
-        fit(model, self.train_loader, self.test_loader, epochs=math.ceil(steps / len(self.train_loader)),
-            optimizer=optimizer, scheduler=scheduler, hooks=hooks, checkpoint_dir=out, resume=True,
-            channels_last=True, log_dir=out, device=self.device, progress=False, meta=meta, max_steps=steps)
+        fit(
+            model,
+            self.train_loader,
+            self.test_loader,
+            epochs=math.ceil(steps / len(self.train_loader)),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            hooks=hooks,
+            checkpoint_dir=out,
+            resume=True,
+            channels_last=True,
+            log_dir=out,
+            device=self.device,
+            progress=False,
+            meta=meta,
+            max_steps=steps,
+        )
 
     def macs(self, model: nn.Module) -> int:
         """MACs per image (eval mode, so that tracing leaves the BatchNorm statistics alone)."""
@@ -339,8 +446,9 @@ class Context:
 
 
 def _context(job: Job) -> Context:
-    data = DataConfig(dataset="jpeg-npz", root=job.npz, batch_size=BATCH, train_limit=job.train_limit,
-                      test_limit=job.test_limit)
+    data = DataConfig(
+        dataset="jpeg-npz", root=job.npz, batch_size=BATCH, train_limit=job.train_limit, test_limit=job.test_limit
+    )
     device = resolve_device("auto")
     train_loader, test_loader, info = build_loaders(data, seed=job.seed, pin_memory=device.type == "cuda")
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
@@ -387,8 +495,10 @@ def tp_prune_to_target(pruner: Any, ctx: Context, model: nn.Module) -> float:
     base = ctx.macs(model)
     while (macs := ctx.macs(model)) > ctx.job.target * base:
         if pruner.current_step >= pruner.iterative_steps:
-            raise ValueError(f"Torch-Pruning stopped at pruning_ratio={TP_RATIO} with {macs / base:.3f} of the MACs: "
-                             f"flops_target={ctx.job.target} is out of reach")
+            raise ValueError(
+                f"Torch-Pruning stopped at pruning_ratio={TP_RATIO} with {macs / base:.3f} of the MACs: "
+                f"flops_target={ctx.job.target} is out of reach"
+            )
         pruner.step()
     return macs / base
 
@@ -408,27 +518,52 @@ def run_tp_groupnorm(ctx: Context) -> dict[str, Any]:
 
     run_dir, job = Path(ctx.job.run_dir), ctx.job
     sparse_steps = max(1, round(PRUNE_FRACTION * ctx.total_iters))
-    settings = {"importance": "GroupMagnitudeImportance(p=2)", "reg": TP_REG, "pruning_ratio": TP_RATIO,
-                "iterative_steps": TP_STEPS, "global_pruning": True, "sparse_steps": sparse_steps}
+    settings = {
+        "importance": "GroupMagnitudeImportance(p=2)",
+        "reg": TP_REG,
+        "pruning_ratio": TP_RATIO,
+        "iterative_steps": TP_STEPS,
+        "global_pruning": True,
+        "sparse_steps": sparse_steps,
+    }
     if (run_dir / CHECKPOINT_NAME).exists():
         model = deploy_shell(ctx.fresh_model(), unwrap_state_dict(load_file(run_dir / CHECKPOINT_NAME)))
     else:
         model = ctx.base_model()
         pruner = tp.pruner.GroupNormPruner(
-            model, ctx.example, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=TP_REG,
-            global_pruning=True, pruning_ratio=TP_RATIO, iterative_steps=TP_STEPS,
-            ignored_layers=tp_ignored_layers(model))
+            model,
+            ctx.example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            reg=TP_REG,
+            global_pruning=True,
+            pruning_ratio=TP_RATIO,
+            iterative_steps=TP_STEPS,
+            ignored_layers=tp_ignored_layers(model),
+        )
         pruner.update_regularizer()
-        ctx.train(model, steps=sparse_steps, out=run_dir / "sparse", meta=ctx.meta("sparse", sparse_steps, tp=settings),
-                  hooks=GroupNormRegularizer(pruner, model), constant_lr=True)
+        ctx.train(
+            model,
+            steps=sparse_steps,
+            out=run_dir / "sparse",
+            meta=ctx.meta("sparse", sparse_steps, tp=settings),
+            hooks=GroupNormRegularizer(pruner, model),
+            constant_lr=True,
+        )
         kept = tp_prune_to_target(pruner, ctx, model)
         print(f"pruned by Torch-Pruning in {pruner.current_step} steps: {kept:.4f} of the MACs kept", flush=True)
     widths = conv_widths(model)
     finetune_steps = ctx.total_iters - sparse_steps
-    ctx.train(model, steps=finetune_steps, out=run_dir,
-              meta=ctx.meta("finetune", finetune_steps, tp=settings, widths=widths))
-    atomic_save({"arch": dataclasses.asdict(model_config(job.arch)), "info": dataclasses.asdict(ctx.info),
-                 "state_dict": model.state_dict()}, run_dir / "final.pt")
+    ctx.train(
+        model, steps=finetune_steps, out=run_dir, meta=ctx.meta("finetune", finetune_steps, tp=settings, widths=widths)
+    )
+    atomic_save(
+        {
+            "arch": dataclasses.asdict(model_config(job.arch)),
+            "info": dataclasses.asdict(ctx.info),
+            "state_dict": model.state_dict(),
+        },
+        run_dir / "final.pt",
+    )
     return {"tp": settings, "finetune_steps": finetune_steps, "widths": widths}
 
 
@@ -451,13 +586,19 @@ def l1_prune(model: nn.Module, example: torch.Tensor, target: float) -> nn.Modul
     groups = [g for g in graph.groups if g.prunable and g.producers]
     ids = [g.id for g in groups]
     goal = target * graph.macs()
-    masks = select_masks([l1_scores(model, g) for g in groups], macs=lambda w: graph.macs(dict(zip(ids, w))),
-                         target_macs=goal, min_keep=[min(g.size, max(1, g.min_channels)) for g in groups],
-                         multiple=[g.multiple for g in groups])
+    masks = select_masks(
+        [l1_scores(model, g) for g in groups],
+        macs=lambda w: graph.macs(dict(zip(ids, w))),
+        target_macs=goal,
+        min_keep=[min(g.size, max(1, g.min_channels)) for g in groups],
+        multiple=[g.multiple for g in groups],
+    )
     macs = graph.macs({i: int(m.sum()) for i, m in zip(ids, masks)})
     if macs > goal:
-        raise ValueError(f"flops_target={target} is out of reach: every group at its minimum width keeps "
-                         f"{macs / graph.macs():.3f} of the MACs")
+        raise ValueError(
+            f"flops_target={target} is out of reach: every group at its minimum width keeps "
+            f"{macs / graph.macs():.3f} of the MACs"
+        )
     return prune(model, example, {i: m.nonzero().flatten().tolist() for i, m in zip(ids, masks)}, graph=graph)
 
 
@@ -479,8 +620,10 @@ def run_l1_oneshot(ctx: Context) -> dict[str, Any]:
     return {"widths": widths}
 
 
-WORKERS: dict[str, Callable[[Context], dict[str, Any]]] = {"tp-groupnorm": run_tp_groupnorm,
-                                                           "l1-oneshot": run_l1_oneshot}
+WORKERS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "tp-groupnorm": run_tp_groupnorm,
+    "l1-oneshot": run_l1_oneshot,
+}
 
 
 def run_worker(job: Job) -> int:
@@ -496,8 +639,16 @@ def run_worker(job: Job) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     accuracy = evaluate(model.to(ctx.device), ctx.test_loader, device=ctx.device)["acc"]
-    summary = {"method": job.method, "arch": job.arch, "flops_target": job.target, "epochs": job.epochs,
-               "seed": job.seed, "pruned_accuracy": accuracy, "wall_time_s": time.perf_counter() - start, **extra}
+    summary = {
+        "method": job.method,
+        "arch": job.arch,
+        "flops_target": job.target,
+        "epochs": job.epochs,
+        "seed": job.seed,
+        "pruned_accuracy": accuracy,
+        "wall_time_s": time.perf_counter() - start,
+        **extra,
+    }
     write_json(Path(job.run_dir) / "summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
     return 0
@@ -508,8 +659,13 @@ def resrep_deploy(run_dir: Path, model_cfg: ModelConfig, info: DataInfo) -> nn.M
     """The converted network of a finished ResRep run, rebuilt from its ``last.pt`` as the CLI's
     ``export`` does (so runs whose ``deploy.pt`` predates the stored channel plan work too)."""
     size = (info.in_channels, info.image_size, info.image_size)
-    rr = restore_resrep(load_file(run_dir / CHECKPOINT_NAME), model_cfg, info, torch.zeros(1, *size),
-                        f"checkpoint {run_dir / CHECKPOINT_NAME}")
+    rr = restore_resrep(
+        load_file(run_dir / CHECKPOINT_NAME),
+        model_cfg,
+        info,
+        torch.zeros(1, *size),
+        f"checkpoint {run_dir / CHECKPOINT_NAME}",
+    )
     return rr.convert(torch.randn(64, *size, generator=torch.Generator().manual_seed(0)))[0]
 
 
@@ -552,15 +708,17 @@ def time_models(models: Mapping[str, nn.Module], info: DataInfo, repeats: int) -
     """Median ms per forward at batch 1 and 64, all models interleaved in one loop per batch size."""
     out: dict[str, dict[str, float]] = {name: {} for name in models}
     for batch in (1, 64):
-        x = torch.randn(batch, info.in_channels, info.image_size, info.image_size,
-                        generator=torch.Generator().manual_seed(batch))
+        x = torch.randn(
+            batch, info.in_channels, info.image_size, info.image_size, generator=torch.Generator().manual_seed(batch)
+        )
         for name, seconds in latencies(dict(models), x, repeats=repeats, warmup=3).items():
             out[name][str(batch)] = 1e3 * seconds
     return out
 
 
-def collect(setup: Setup, done: Sequence[tuple[Run, dict[str, Any]]], repeats: int
-            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def collect(
+    setup: Setup, done: Sequence[tuple[Run, dict[str, Any]]], repeats: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Base and per-run results (one row per seed): accuracies, counts, reductions, times; latencies for
     the first seed of every (method, target, variant)."""
     base_ck = load_file(setup.base_dir / CHECKPOINT_NAME)
@@ -582,22 +740,38 @@ def collect(setup: Setup, done: Sequence[tuple[Run, dict[str, Any]]], repeats: i
             if key not in timed:
                 timed[key] = m.model
                 row["timed"] = True
-            row.update(accuracy_after=summary["pruned_accuracy"], epochs=summary["epochs"],
-                       wall_time_s=summary["wall_time_s"], train_time_s=train_time_s(run_dir), macs=m.macs,
-                       params=m.params, largest_removed_norm=summary.get("largest_removed_norm"),
-                       plan=summary.get("plan"))
+            row.update(
+                accuracy_after=summary["pruned_accuracy"],
+                epochs=summary["epochs"],
+                wall_time_s=summary["wall_time_s"],
+                train_time_s=train_time_s(run_dir),
+                macs=m.macs,
+                params=m.params,
+                largest_removed_norm=summary.get("largest_removed_norm"),
+                plan=summary.get("plan"),
+            )
         row["scope"] = SCOPES[run.method]
         rows.append(row)
     timings = time_models({str(k): v for k, v in timed.items()}, info, repeats)
     b = measured["base"]
-    base = {"dir": str(setup.base_dir), "accuracy": base_summary["accuracy"], "macs": b.macs, "params": b.params,
-            "latency_ms": timings["base"], "train_time_s": train_time_s(setup.base_dir),
-            "wall_time_s": base_summary["wall_time_s"]}
+    base = {
+        "dir": str(setup.base_dir),
+        "accuracy": base_summary["accuracy"],
+        "macs": b.macs,
+        "params": b.params,
+        "latency_ms": timings["base"],
+        "train_time_s": train_time_s(setup.base_dir),
+        "wall_time_s": base_summary["wall_time_s"],
+    }
     for row in rows:
         if row["status"] == "done":
-            row.update(accuracy_before=base["accuracy"], accuracy_drop=base["accuracy"] - row["accuracy_after"],
-                       macs_kept=row["macs"] / b.macs, macs_reduction=1 - row["macs"] / b.macs,
-                       params_reduction=1 - row["params"] / b.params)
+            row.update(
+                accuracy_before=base["accuracy"],
+                accuracy_drop=base["accuracy"] - row["accuracy_after"],
+                macs_kept=row["macs"] / b.macs,
+                macs_reduction=1 - row["macs"] / b.macs,
+                params_reduction=1 - row["params"] / b.params,
+            )
             if row.pop("timed", False):
                 lat = timings[str((row["method"], row["target"], row["variant"]))]
                 row.update(latency_ms=lat, speedup={k: base["latency_ms"][k] / v for k, v in lat.items()})
@@ -613,15 +787,24 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for target, method, variant in keys:
         mine = [r for r in rows if (r["target"], r["method"], r["variant"]) == (target, method, variant)]
         ok = [r for r in mine if r["status"] == "done"]
-        entry: dict[str, Any] = {"target": target, "method": method, "variant": variant,
-                                 "seeds": [r["seed"] for r in ok], "failed": {r["seed"]: r["error"] for r in mine
-                                                                             if r["status"] != "done"}}
+        entry: dict[str, Any] = {
+            "target": target,
+            "method": method,
+            "variant": variant,
+            "seeds": [r["seed"] for r in ok],
+            "failed": {r["seed"]: r["error"] for r in mine if r["status"] != "done"},
+        }
         if ok:
             acc = np.array([r["accuracy_after"] for r in ok])
-            entry.update(accuracy_mean=float(acc.mean()), accuracy_std=float(acc.std(ddof=1)) if len(ok) > 1 else None,
-                         drop_mean=float(np.mean([r["accuracy_drop"] for r in ok])),
-                         **{k: float(np.mean([r[k] for r in ok])) for k in
-                            ("macs", "macs_reduction", "params", "params_reduction", "train_time_s", "wall_time_s")})
+            entry.update(
+                accuracy_mean=float(acc.mean()),
+                accuracy_std=float(acc.std(ddof=1)) if len(ok) > 1 else None,
+                drop_mean=float(np.mean([r["accuracy_drop"] for r in ok])),
+                **{
+                    k: float(np.mean([r[k] for r in ok]))
+                    for k in ("macs", "macs_reduction", "params", "params_reduction", "train_time_s", "wall_time_s")
+                },
+            )
             timed = next((r for r in ok if "latency_ms" in r), None)
             if timed is not None:
                 entry.update(latency_ms=timed["latency_ms"], speedup=timed["speedup"])
@@ -630,11 +813,29 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(base: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], title: str) -> str:
-    head = ["target", "method", "seeds", "top-1 after", "drop", "MACs (M)", "MACs red.", "params red.", "ms b1",
-            "ms b64", "speedup b1/b64", "train min", "wall min"]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             f"| 1.0 | base | | {base['accuracy']:.2f} | | {base['macs'] / 1e6:.2f} | | | {base['latency_ms']['1']:.2f} | "
-             f"{base['latency_ms']['64']:.1f} | | {base['train_time_s'] / 60:.1f} | {base['wall_time_s'] / 60:.1f} |"]
+    head = [
+        "target",
+        "method",
+        "seeds",
+        "top-1 after",
+        "drop",
+        "MACs (M)",
+        "MACs red.",
+        "params red.",
+        "ms b1",
+        "ms b64",
+        "speedup b1/b64",
+        "train min",
+        "wall min",
+    ]
+    lines = [
+        f"### {title}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        f"| 1.0 | base | | {base['accuracy']:.2f} | | {base['macs'] / 1e6:.2f} | | | {base['latency_ms']['1']:.2f} | "
+        f"{base['latency_ms']['64']:.1f} | | {base['train_time_s'] / 60:.1f} | {base['wall_time_s'] / 60:.1f} |",
+    ]
     for e in entries:
         name = e["method"] + (f" [{e['variant']}]" if e["variant"] else "")
         failed = "; ".join(f"seed {s} failed: {why}" for s, why in e["failed"].items())
@@ -642,12 +843,19 @@ def markdown(base: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], titl
             lines.append(f"| {e['target']:g} | {name} | | {failed} |" + " |" * (len(head) - 4))
             continue
         spread = f" ± {e['accuracy_std']:.2f}" if e["accuracy_std"] is not None else ""
-        lat = (f"{e['latency_ms']['1']:.2f} | {e['latency_ms']['64']:.1f} | "
-               f"{e['speedup']['1']:.2f}x/{e['speedup']['64']:.2f}x") if "latency_ms" in e else " | | "
+        lat = (
+            (
+                f"{e['latency_ms']['1']:.2f} | {e['latency_ms']['64']:.1f} | "
+                f"{e['speedup']['1']:.2f}x/{e['speedup']['64']:.2f}x"
+            )
+            if "latency_ms" in e
+            else " | | "
+        )
         lines.append(
             f"| {e['target']:g} | {name} | {len(e['seeds'])} | {e['accuracy_mean']:.2f}{spread} | {e['drop_mean']:.2f} | "
             f"{e['macs'] / 1e6:.2f} | {100 * e['macs_reduction']:.1f}% | {100 * e['params_reduction']:.1f}% | {lat} | "
-            f"{e['train_time_s'] / 60:.1f} | {e['wall_time_s'] / 60:.1f} |" + (f" {failed}" if failed else ""))
+            f"{e['train_time_s'] / 60:.1f} | {e['wall_time_s'] / 60:.1f} |" + (f" {failed}" if failed else "")
+        )
     return "\n".join(lines)
 
 
@@ -660,8 +868,11 @@ def plot_curve(base: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], pa
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(e["method"] for e in entries):
-        pts = sorted((1 - e["macs_reduction"], e["accuracy_mean"], e["accuracy_std"] or 0.0) for e in entries
-                     if e["method"] == method and e["seeds"] and not e["variant"])
+        pts = sorted(
+            (1 - e["macs_reduction"], e["accuracy_mean"], e["accuracy_std"] or 0.0)
+            for e in entries
+            if e["method"] == method and e["seeds"] and not e["variant"]
+        )
         if pts:
             x, y, err = zip(*pts)
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
@@ -682,19 +893,33 @@ def _numbers(text: str, kind: type) -> list:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, type=Path,
-                   help="folder with cifar10-jpeg/ and cifar-resnet/ (the ../shared/data layout)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="folder with cifar10-jpeg/ and cifar-resnet/ (the ../shared/data layout)",
+    )
     p.add_argument("--mode", choices=sorted(ARCHS), default="quick", help="quick: ResNet-20, full: ResNet-56")
-    p.add_argument("--methods", default="a,b,c,d", help="comma-separated letters or names: " +
-                   ", ".join(f"{k}={v}" for k, v in METHODS.items()))
-    p.add_argument("--targets", default=",".join(f"{t:g}" for t in DEFAULT_TARGETS),
-                   help="fractions of the MACs kept, comma separated")
+    p.add_argument(
+        "--methods",
+        default="a,b,c,d",
+        help="comma-separated letters or names: " + ", ".join(f"{k}={v}" for k, v in METHODS.items()),
+    )
+    p.add_argument(
+        "--targets",
+        default=",".join(f"{t:g}" for t in DEFAULT_TARGETS),
+        help="fractions of the MACs kept, comma separated",
+    )
     p.add_argument("--epochs", type=int, default=1, help="epoch budget of every method")
     p.add_argument("--seeds", default="0,1,2", help="seeds of every (method, target), comma separated")
-    p.add_argument("--ablation", action="store_true",
-                   help="run the ABLATIONS variants of (b) at the first target and seed instead of --methods")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="run the ABLATIONS variants of (b) at the first target and seed instead of --methods",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (each with --threads threads)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "prune_cifar", help="run folders")
     p.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "cache", help="base models, by recipe")
@@ -735,8 +960,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     arch = ARCHS[args.mode]
-    setup = Setup(args.npz.resolve(), args.published.resolve(), arch, args.epochs, args.train_limit,
-                  args.test_limit, args.threads, args.out.resolve(), args.cache.resolve())
+    setup = Setup(
+        args.npz.resolve(),
+        args.published.resolve(),
+        arch,
+        args.epochs,
+        args.train_limit,
+        args.test_limit,
+        args.threads,
+        args.out.resolve(),
+        args.cache.resolve(),
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     base_run = run_step(base_step(setup), env)
     if base_run["status"] != "done":
@@ -746,16 +980,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = list(pool.map(lambda run: run_step(method_step(setup, run), env), runs))
     base, rows = collect(setup, list(zip(runs, results)), args.repeats)
     entries = aggregate(rows)
-    title = (f"{arch} (option A) on CIFAR-10 (JPEG q75), {args.epochs}-epoch budget per method"
-             + (", ablation of (b)" if args.ablation else ""))
+    title = f"{arch} (option A) on CIFAR-10 (JPEG q75), {args.epochs}-epoch budget per method" + (
+        ", ablation of (b)" if args.ablation else ""
+    )
     print(markdown(base, entries, title))
     name = f"prune_cifar_{args.mode}_e{args.epochs}{'_ablation' if args.ablation else ''}"
-    payload = {"benchmark": "prune_cifar", "mode": args.mode, "arch": arch, "dataset": "CIFAR-10 (JPEG q75)",
-               "epochs": args.epochs, "iterations": args.epochs * setup.iters_per_epoch(), "targets": args.targets,
-               "seeds": args.seeds, "ablation": args.ablation, "train_limit": args.train_limit,
-               "test_limit": args.test_limit, **machine_meta(),
-               "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]),
-               "base": {**base, **base_run}, "summary": entries, "results": rows}
+    payload = {
+        "benchmark": "prune_cifar",
+        "mode": args.mode,
+        "arch": arch,
+        "dataset": "CIFAR-10 (JPEG q75)",
+        "epochs": args.epochs,
+        "iterations": args.epochs * setup.iters_per_epoch(),
+        "targets": args.targets,
+        "seeds": args.seeds,
+        "ablation": args.ablation,
+        "train_limit": args.train_limit,
+        "test_limit": args.test_limit,
+        **machine_meta(),
+        "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]),
+        "base": {**base, **base_run},
+        "summary": entries,
+        "results": rows,
+    }
     results_dir = args.results.resolve()
     write_json(results_dir / f"{name}.json", payload)
     print(f"wrote {results_dir / f'{name}.json'}")

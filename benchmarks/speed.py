@@ -20,6 +20,7 @@ Prints a table and writes `benchmarks/results/speed.json`.
     python benchmarks/speed.py [--archs resnet20 resnet56] [--threads 2] [--seconds 10]
                                [--deploy resnet20=benchmarks/runs/prune_cifar/resnet20/resrep-residual/last.pt]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine_meta, print_table, write_json
 from torch import nn
 
 from apps.resrep import ResRep, ResRepConfig
@@ -43,8 +45,6 @@ from reparam.demo import latencies
 from reparam.graph import trace
 from reparam.merge import merge
 
-from common import machine_meta, print_table, write_json
-
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
 
 
@@ -53,8 +53,9 @@ def _base(arch: str) -> nn.Module:
     return build_model(ModelConfig(arch=arch, shortcut="A"), num_classes=10)
 
 
-def _stepper(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             rr: ResRep | None) -> Callable[[], None]:
+def _stepper(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, rr: ResRep | None
+) -> Callable[[], None]:
     """One training step as a closure (channels_last, like the training runs)."""
     model.train().to(memory_format=torch.channels_last)
     it = iter(range(10**9))
@@ -68,6 +69,7 @@ def _stepper(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
         optimizer.step()
         if rr is not None:
             rr.after_step(next(it))
+
     return step
 
 
@@ -91,8 +93,9 @@ def train_step(arch: str, batch: int, seconds: float) -> dict:
     y = torch.randint(0, 10, (batch,))
     steps: dict[str, Callable[[], None]] = {}
     plain = _base(arch)
-    steps["plain"] = _stepper(plain, torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4),
-                              x, y, None)
+    steps["plain"] = _stepper(
+        plain, torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4), x, y, None
+    )
     rrs: dict[str, ResRep] = {}
     for mode in ("residual", "paper"):
         # the budget recipe (the default at CIFAR budgets) before its freeze: Taylor scores, lasso on kept rows
@@ -108,7 +111,9 @@ def train_step(arch: str, batch: int, seconds: float) -> dict:
         rrs["residual"].update_masks()
         select.append(time.perf_counter() - start)
     return {
-        "batch": batch, "rounds": rounds, "step_s": t,
+        "batch": batch,
+        "rounds": rounds,
+        "step_s": t,
         "ratio": {f"resrep-{m}": t[f"resrep-{m}"] / t["plain"] for m in rrs},
         "compactors": {m: len(rr.sites) for m, rr in rrs.items()},
         "mask_update_s": statistics.median(select),
@@ -120,8 +125,11 @@ def _synthetic_deploy(arch: str, target: float, round_to: int) -> tuple[nn.Modul
     """Convert a ResRep model whose compactor rows have seeded random norms, pruned in one round (the
     masked rows are not decayed, so the conversion's warning about them is expected and silenced)."""
     base = _base(arch).eval()
-    rr = ResRep(base, torch.randn(2, 3, 32, 32),
-                ResRepConfig(recipe="paper", flops_target=target, begin_granularity=10**6, round_to=round_to))
+    rr = ResRep(
+        base,
+        torch.randn(2, 3, 32, 32),
+        ResRepConfig(recipe="paper", flops_target=target, begin_granularity=10**6, round_to=round_to),
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, compactor in rr.compactors():
@@ -132,9 +140,11 @@ def _synthetic_deploy(arch: str, target: float, round_to: int) -> tuple[nn.Modul
         start = time.perf_counter()
         deploy, report = rr.convert()
         convert_s = time.perf_counter() - start
-    return deploy, {"source": f"synthetic (one selection round on seeded random scores, round_to={round_to})",
-                    "convert_s": convert_s,
-                    "convert_max_rel_error": report.max_rel_error}
+    return deploy, {
+        "source": f"synthetic (one selection round on seeded random scores, round_to={round_to})",
+        "convert_s": convert_s,
+        "convert_max_rel_error": report.max_rel_error,
+    }
 
 
 def latency(arch: str, target: float, deploy_path: str | None, seconds: float, round_to: int = 1) -> dict:
@@ -161,7 +171,11 @@ def latency(arch: str, target: float, deploy_path: str | None, seconds: float, r
             probe = latencies(models, x, repeats=1, warmup=2)
             t = latencies(models, x, repeats=max(9, int(seconds / sum(probe.values()))), warmup=1)
             speedup = t["base"] / t["pruned"]
-            out["batches"][str(batch)] = {**t, "speedup": speedup, "speedup_over_macs_ratio": speedup / out["macs_ratio"]}
+            out["batches"][str(batch)] = {
+                **t,
+                "speedup": speedup,
+                "speedup_over_macs_ratio": speedup / out["macs_ratio"],
+            }
     return out
 
 
@@ -183,8 +197,13 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["resnet20", "resnet56"])
     parser.add_argument("--batch", type=int, default=64, help="training batch size")
     parser.add_argument("--target", type=float, default=0.471, help="MACs kept by the synthetic pruned network")
-    parser.add_argument("--deploy", nargs="*", default=[], metavar="ARCH=PATH",
-                        help="networks to time instead of the synthetic one: a prune run's deploy.pt or last.pt")
+    parser.add_argument(
+        "--deploy",
+        nargs="*",
+        default=[],
+        metavar="ARCH=PATH",
+        help="networks to time instead of the synthetic one: a prune run's deploy.pt or last.pt",
+    )
     parser.add_argument("--round-to", type=int, default=1, help="width multiple of the synthetic pruned network")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seconds", type=float, default=10.0, help="timing budget per measurement")
@@ -194,23 +213,62 @@ def main() -> None:
     deploys = dict(d.split("=", 1) for d in args.deploy)
     results = []
     for arch in args.archs:
-        results.append({"arch": arch, "train_step": train_step(arch, args.batch, args.seconds),
-                        "latency": latency(arch, args.target, deploys.get(arch), args.seconds, args.round_to),
-                        "build": build_times(arch)})
+        results.append(
+            {
+                "arch": arch,
+                "train_step": train_step(arch, args.batch, args.seconds),
+                "latency": latency(arch, args.target, deploys.get(arch), args.seconds, args.round_to),
+                "build": build_times(arch),
+            }
+        )
 
     print(f"CPU, {torch.get_num_threads()} threads, float32, channels_last training, medians of interleaved rounds\n")
-    print_table(["arch", "batch", "plain step s", "ResRep step s", "ratio", "paper-mode ratio", "mask update s"], [
-        [r["arch"], t["batch"], f"{t['step_s']['plain']:.4f}", f"{t['step_s']['resrep-residual']:.4f}",
-         f"{t['ratio']['resrep-residual']:.3f}", f"{t['ratio']['resrep-paper']:.3f}", f"{t['mask_update_s']:.4f}"]
-        for r in results for t in [r["train_step"]]])
-    print_table(["arch", "batch", "base s", "pruned s", "speed-up", "MACs ratio", "speed-up / MACs ratio", "pruned from"], [
-        [r["arch"], b, f"{v['base']:.5f}", f"{v['pruned']:.5f}", f"{v['speedup']:.2f}x", f"{r['latency']['macs_ratio']:.2f}x",
-         f"{v['speedup_over_macs_ratio']:.3f}", "run" if r["latency"]["source"].endswith(".pt") else f"synthetic, round_to={args.round_to}"]
-        for r in results for b, v in r["latency"]["batches"].items()])
-    print_table(["arch", "trace + groups s", "forward s (batch 1)", "convert s", "convert max rel err"], [
-        [r["arch"], f"{r['build']['trace_s']:.3f}", f"{r['build']['forward_s']:.4f}",
-         f"{r['latency'].get('convert_s', float('nan')):.3f}", f"{r['latency'].get('convert_max_rel_error', float('nan')):.1e}"]
-        for r in results])
+    print_table(
+        ["arch", "batch", "plain step s", "ResRep step s", "ratio", "paper-mode ratio", "mask update s"],
+        [
+            [
+                r["arch"],
+                t["batch"],
+                f"{t['step_s']['plain']:.4f}",
+                f"{t['step_s']['resrep-residual']:.4f}",
+                f"{t['ratio']['resrep-residual']:.3f}",
+                f"{t['ratio']['resrep-paper']:.3f}",
+                f"{t['mask_update_s']:.4f}",
+            ]
+            for r in results
+            for t in [r["train_step"]]
+        ],
+    )
+    print_table(
+        ["arch", "batch", "base s", "pruned s", "speed-up", "MACs ratio", "speed-up / MACs ratio", "pruned from"],
+        [
+            [
+                r["arch"],
+                b,
+                f"{v['base']:.5f}",
+                f"{v['pruned']:.5f}",
+                f"{v['speedup']:.2f}x",
+                f"{r['latency']['macs_ratio']:.2f}x",
+                f"{v['speedup_over_macs_ratio']:.3f}",
+                "run" if r["latency"]["source"].endswith(".pt") else f"synthetic, round_to={args.round_to}",
+            ]
+            for r in results
+            for b, v in r["latency"]["batches"].items()
+        ],
+    )
+    print_table(
+        ["arch", "trace + groups s", "forward s (batch 1)", "convert s", "convert max rel err"],
+        [
+            [
+                r["arch"],
+                f"{r['build']['trace_s']:.3f}",
+                f"{r['build']['forward_s']:.4f}",
+                f"{r['latency'].get('convert_s', float('nan')):.3f}",
+                f"{r['latency'].get('convert_max_rel_error', float('nan')):.1e}",
+            ]
+            for r in results
+        ],
+    )
     write_json(args.out, {"meta": machine_meta(), "results": results})
     print(f"wrote {args.out}")
 

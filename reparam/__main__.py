@@ -1,4 +1,5 @@
 """`python -m reparam`: the ops demo (see `reparam.demo`)."""
+
 from reparam.demo import main
 
 main()

@@ -3,6 +3,7 @@
 Also the network builders the ops benchmark uses: each takes `deploy=True` to build the plain
 network of the merged shape directly (blocks replaced by their `deploy_module`).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -27,7 +28,9 @@ def repvgg_net(
     for width, depth in zip(widths, depths):
         for i in range(depth):
             args = (in_ch, width, 3, 2 if i == 0 else 1)
-            layers.append(RepVGGBlock.deploy_module(*args, act=nn.ReLU()) if deploy else RepVGGBlock(*args, act=nn.ReLU()))
+            layers.append(
+                RepVGGBlock.deploy_module(*args, act=nn.ReLU()) if deploy else RepVGGBlock(*args, act=nn.ReLU())
+            )
             in_ch = width
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_ch, num_classes))
 
@@ -42,7 +45,9 @@ class DBBBasicBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, *, deploy: bool = False) -> None:
         super().__init__()
-        self.body = nn.Sequential(_dbb(in_ch, out_ch, 3, stride, nn.ReLU(), deploy), _dbb(out_ch, out_ch, 3, 1, None, deploy))
+        self.body = nn.Sequential(
+            _dbb(in_ch, out_ch, 3, stride, nn.ReLU(), deploy), _dbb(out_ch, out_ch, 3, 1, None, deploy)
+        )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
             conv = nn.Conv2d(in_ch, out_ch, 1, stride, bias=deploy)
@@ -53,8 +58,11 @@ class DBBBasicBlock(nn.Module):
 
 
 def dbb_resnet(
-    widths: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10,
-    *, deploy: bool = False,
+    widths: Sequence[int] = (64, 128, 256, 512),
+    depths: Sequence[int] = (2, 2, 2, 2),
+    num_classes: int = 10,
+    *,
+    deploy: bool = False,
 ) -> nn.Sequential:
     """A ResNet-18-like network of DBBs (7x7 stride-2 DBB stem, max pool, basic blocks, linear head)."""
     layers: list[nn.Module] = [_dbb(3, widths[0], 7, 2, nn.ReLU(), deploy), nn.MaxPool2d(3, 2, 1)]
@@ -132,4 +140,6 @@ def main() -> None:
     print(f"reparam ops demo: batch {shape[0]}, {shape[2]}x{shape[3]} input, float32, CPU, 1 thread")
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
-    print("max rel err = max|merged − original| / max|original| on the batch (eval mode); latency = median forward seconds")
+    print(
+        "max rel err = max|merged − original| / max|original| on the batch (eval mode); latency = median forward seconds"
+    )

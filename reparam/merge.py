@@ -5,6 +5,7 @@
    (`W' = s·W`, `b' = s(b − μ) + β`), found by dataflow in a torch.fx trace, not by module order;
    the norm becomes `nn.Identity` in the module tree, so module names stay stable.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,13 +20,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from reparam.ops.blocks.base import MergeableBlock
 from reparam.ops.blocks.registry import is_registered_block
 from reparam.ops.errors import MergeError
 from reparam.ops.norm import NormStats, fuse_bn, fuse_bn_transposed
 from reparam.verify import verify_equivalence
 
-__all__ = ["MergeReport", "merge"]
-
+__all__ = ["MergeReport", "fold_norm_into", "merge"]
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -70,7 +71,19 @@ def _merge_blocks(module: nn.Module, prefix: str, report: MergeReport) -> None:
             setattr(module, name, merged)
             report.blocks.append(path)
         else:
+            _warn_unregistered(child, path, report)
             _merge_blocks(child, path, report)
+
+
+def _warn_unregistered(module: nn.Module, path: str, report: MergeReport) -> None:
+    """A `MergeableBlock` whose class was never registered stays unmerged: say so, and how to fix it."""
+    if isinstance(module, MergeableBlock) and not is_registered_block(module):
+        why = (
+            f"{path or '<root>'} ({type(module).__name__}): a MergeableBlock whose class is not registered, left "
+            f"unmerged; decorate the class with @reparam.ops.register_block"
+        )
+        report.skipped.append(why)
+        warnings.warn(why, stacklevel=3)
 
 
 def _fold_reason(root: nn.Module, bn_node: fx.Node, calls: Counter, shapes: bool) -> str | None:
@@ -100,8 +113,9 @@ def _fold_reason(root: nn.Module, bn_node: fx.Node, calls: Counter, shapes: bool
     return None
 
 
-def _fold_pair(layer: nn.Module, bn: nn.Module, name: str) -> None:
-    """Fold the eval-mode norm `bn` into `layer` (in place)."""
+def fold_norm_into(layer: nn.Module, bn: nn.Module, name: str | None = None) -> None:
+    """Fold the eval-mode norm `bn` that reads `layer`'s output into `layer`, in place (a bias is added if
+    it has none); `bn` itself is left as it is, for the caller to drop. `name` labels errors."""
     stats = NormStats.from_module(bn, name=name)
     with torch.no_grad():
         if isinstance(layer, _ConvNd) and layer.transposed:
@@ -145,7 +159,7 @@ def _fold_norms(module: nn.Module, prefix: str, inputs: tuple[Tensor, ...] | Non
             report.skipped.append(f"{bn_path} left alone: {reason}")
             continue
         layer_path = _join(prefix, node.args[0].target)
-        _fold_pair(module.get_submodule(node.args[0].target), module.get_submodule(node.target), bn_path)
+        fold_norm_into(module.get_submodule(node.args[0].target), module.get_submodule(node.target), bn_path)
         parent_name, _, attr = node.target.rpartition(".")
         setattr(module.get_submodule(parent_name), attr, nn.Identity())
         report.folded.append((layer_path, bn_path))
@@ -175,7 +189,7 @@ def merge(
     `example_inputs` (tensors, or an input shape for a random normal sample with the model's dtype
     and device) enables folding Linear → BatchNorm1d pairs (their shapes are checked) and
     `verify=True`, which compares the merged model with the eval-mode original and raises
-    `MergeError` when `max|Δ|/max|y|` exceeds `rtol` (default 1e-10 for float64, 1e-4 for
+    `MergeError` when `max|Δ|/max|y|` exceeds `rtol` (default 1e-10 for float64, 1e-5 for
     float32 outputs). The report (`MergeReport`) is attached as `merged.merge_report`. A model
     torch.fx cannot trace is still merged block by block and folded child by child (with a
     warning). Merging a merged model changes nothing; dtype and device are kept.
@@ -189,6 +203,7 @@ def merge(
         merged = merged.merged().eval()
         report.blocks.append(type(model).__name__)
     else:
+        _warn_unregistered(merged, "", report)
         _merge_blocks(merged, "", report)
     _fold_norms(merged, "", args, report)
     if verify:

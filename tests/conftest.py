@@ -5,6 +5,7 @@ Hypothesis profiles, chosen with the HYPOTHESIS_PROFILE environment variable:
   dev  fast local iteration: 20 examples;
   deep nightly-style: 2000 examples.
 """
+
 from __future__ import annotations
 
 import os

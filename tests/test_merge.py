@@ -1,4 +1,5 @@
 """`reparam.merge`: blocks merged, conv/linear → BN pairs folded by dataflow, everything else left exact."""
+
 from __future__ import annotations
 
 import copy
@@ -10,9 +11,8 @@ from torch import nn
 
 import reparam
 from reparam.ops import MergeError
+from reparam.testing import randomise_norms
 from reparam.verify import relative_error, verify_equivalence
-
-from blocks.cases import randomise_norms
 
 
 def _norms(model: nn.Module) -> list[str]:
@@ -179,7 +179,9 @@ def test_a_block_at_the_root_merges_to_its_conv():
 
 
 def test_block_without_running_stats_is_refused_with_its_path():
-    model = nn.Sequential(nn.Identity(), reparam.RepVGGBlock(2, 2, 3, norm=lambda c: nn.BatchNorm2d(c, track_running_stats=False)))
+    model = nn.Sequential(
+        nn.Identity(), reparam.RepVGGBlock(2, 2, 3, norm=lambda c: nn.BatchNorm2d(c, track_running_stats=False))
+    )
     with pytest.raises(MergeError, match=r"^1: .*RepVGGBlock\.conv_kxk\.bn"):
         reparam.merge(model)
 
@@ -228,3 +230,21 @@ def test_ops_demo_prints_exact_merges(capsys):
     assert len(rows) == 2
     errors = [float(row[-4]) for row in rows]
     assert all(err <= 1e-4 for err in errors)
+
+
+def test_an_unregistered_block_is_left_unmerged_and_merge_says_so():
+    class Forgotten(reparam.ops.MergeableBlock):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+        def merged(self):
+            raise AssertionError("merge must not call an unregistered block's merged()")
+
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), Forgotten()).eval()
+    with pytest.warns(UserWarning, match=r"1 \(Forgotten\).*not registered.*register_block"):
+        merged = reparam.merge(model)
+    assert merged.merge_report.blocks == [] and "register_block" in merged.merge_report.skipped[0]

@@ -3,6 +3,7 @@
 `ResRep` wraps a model for any training loop; `prune` is the one-call version on top of the app's
 training loop (`apps.resrep.engine.fit`); `python -m apps.resrep` is the command line.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,9 +40,19 @@ def prune(
     config = config if config is not None else ResRepConfig()
     if example_inputs is None:
         example_inputs = next(iter(train_loader))[0]
-    rr = ResRep(model, example_inputs, config, iters_per_epoch=len(train_loader), total_iters=epochs * len(train_loader))
+    rr = ResRep(
+        model, example_inputs, config, iters_per_epoch=len(train_loader), total_iters=epochs * len(train_loader)
+    )
     optimizer = rr.optimizer()
-    fit(rr.model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, scheduler=rr.lr_scheduler(optimizer),
-        hooks=rr, **fit_options)
+    fit(
+        rr.model,
+        train_loader,
+        val_loader,
+        epochs=epochs,
+        optimizer=optimizer,
+        scheduler=rr.lr_scheduler(optimizer),
+        hooks=rr,
+        **fit_options,
+    )
     rr.check_target()
     return rr.convert()

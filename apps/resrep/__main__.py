@@ -1,4 +1,5 @@
 """``python -m apps.resrep {train,prune,eval,export,demo}``."""
+
 import sys
 
 from .cli import main

@@ -1,55 +1,24 @@
 """Atomic, weights_only-loadable checkpoints and the RNG state needed to resume a run bit for bit.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so `torch.load(...,
-weights_only=True)` reads it. Files are written to a temporary name in the same folder, fsynced and
-`os.replace`d over the target: a kill at any moment leaves either the old file or the new one.
+weights_only=True)` reads it; it is written with `reparam.atomic.atomic_save` (a kill at any moment leaves
+either the old file or the new one).
 """
+
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "atomic_save", "atomic_write_text", "load_file", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "load_file", "rng_state", "set_rng_state"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or not one of ours."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """`torch.save(obj, path)` that never leaves a partial file behind (tmp + fsync + os.replace)."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write a text file atomically (summaries, CSV logs)."""
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -60,8 +29,10 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, forbidden global: all mean "not a usable checkpoint"
-        raise CheckpointError(f"cannot read checkpoint {p} ({type(e).__name__}: {e}); "
-                              f"the file is corrupt or not a weights-only checkpoint") from e
+        raise CheckpointError(
+            f"cannot read checkpoint {p} ({type(e).__name__}: {e}); "
+            f"the file is corrupt or not a weights-only checkpoint"
+        ) from e
 
 
 def rng_state() -> dict[str, Any]:
@@ -70,8 +41,13 @@ def rng_state() -> dict[str, Any]:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
         "python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

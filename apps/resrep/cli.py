@@ -17,6 +17,7 @@ Bad input (missing data, a checkpoint of another architecture, a corrupt file, a
 outside (0, 1), an untraceable model) exits with status 2 and a one-line ``error:`` message; nothing
 is written before the inputs have been checked.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,21 +34,40 @@ from typing import Any
 
 import torch
 
+from reparam.atomic import atomic_write_text
 from reparam.graph import flops
 
-from .checkpoint import CheckpointError, atomic_write_text, load_file
+from .checkpoint import CheckpointError, load_file
 from .config import ResRepConfig
 from .data import DataConfig, DataInfo, build_loaders
-from .engine import (OptimConfig, TrainConfig, evaluate, fit, init_distributed, is_main_process,
-                     resolve_device, sgd)
+from .engine import (
+    OptimConfig,
+    TrainConfig,
+    evaluate,
+    fit,
+    init_distributed,
+    is_main_process,
+    resolve_device,
+    sgd,
+)
 from .export import FORMATS, check_formats, export_model
-from .models import ModelConfig, build_model, deploy_shell, load_state_dict_checked, load_weights, unwrap_state_dict
+from .models import (
+    ModelConfig,
+    build_model,
+    deploy_shell,
+    load_state_dict_checked,
+    load_weights,
+    unwrap_state_dict,
+)
 
 __all__ = ["main", "build_parser", "run_train", "run_prune", "run_eval", "run_export"]
 
-_GROUPS = {"train": (DataConfig, ModelConfig, TrainConfig, OptimConfig),
-           "prune": (DataConfig, ModelConfig, TrainConfig, ResRepConfig),
-           "eval": (DataConfig, ModelConfig), "export": (DataConfig, ModelConfig)}
+_GROUPS = {
+    "train": (DataConfig, ModelConfig, TrainConfig, OptimConfig),
+    "prune": (DataConfig, ModelConfig, TrainConfig, ResRepConfig),
+    "eval": (DataConfig, ModelConfig),
+    "export": (DataConfig, ModelConfig),
+}
 
 
 def _flag(name: str) -> str:
@@ -66,16 +86,25 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if optional:
             tp = next(a for a in args if a is not type(None))
         if tp is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                               help=doc)
+            group.add_argument(
+                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=doc
+            )
         elif typing.get_origin(tp) is typing.Literal:
             group.add_argument(_flag(f.name), dest=f.name, choices=typing.get_args(tp), default=default, help=doc)
         elif tp in (int, float, str):
+
             def none_or(text: str, _tp=tp):  # "none" selects the field's None meaning
                 return None if text.lower() == "none" else _tp(text)
+
             conv = none_or if optional else tp
-            group.add_argument(_flag(f.name), dest=f.name, type=conv, default=default, help=doc,
-                               metavar=tp.__name__.upper() + ("|none" if optional else ""))
+            group.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                type=conv,
+                default=default,
+                help=doc,
+                metavar=tp.__name__.upper() + ("|none" if optional else ""),
+            )
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {tp}")
 
@@ -85,12 +114,17 @@ def _config(cls: type, ns: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resrep", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="resrep", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    helps = {"train": "train a base model", "prune": "ResRep from a checkpoint to a MACs target",
-             "eval": "evaluate a checkpoint", "export": "convert a prune checkpoint and export it",
-             "demo": "offline demo on digits (train, prune, convert, evaluate)"}
+    helps = {
+        "train": "train a base model",
+        "prune": "ResRep from a checkpoint to a MACs target",
+        "eval": "evaluate a checkpoint",
+        "export": "convert a prune checkpoint and export it",
+        "demo": "offline demo on digits (train, prune, convert, evaluate)",
+    }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == "demo":
@@ -106,8 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
             seen |= names
             _add_dataclass_args(p, cls)
         needs_ckpt = name != "train"
-        p.add_argument("--checkpoint", required=needs_ckpt, default="",
-                       help="weights to start from / evaluate" + ("" if needs_ckpt else " (optional)"))
+        p.add_argument(
+            "--checkpoint",
+            required=needs_ckpt,
+            default="",
+            help="weights to start from / evaluate" + ("" if needs_ckpt else " (optional)"),
+        )
         if name in ("train", "prune", "export"):
             p.add_argument("--out", required=True, help="output folder")
         if name in ("train", "prune"):
@@ -140,7 +178,9 @@ def _summary_write(out: Path, summary: dict[str, Any]) -> None:
 
 def _check_out(out: Path, resume: bool) -> None:
     if (out / "last.pt").exists() and not resume:
-        raise CheckpointError(f"{out} already holds a run (last.pt); pass --resume to continue it or choose a new --out")
+        raise CheckpointError(
+            f"{out} already holds a run (last.pt); pass --resume to continue it or choose a new --out"
+        )
 
 
 def _info_meta(info: DataInfo) -> dict[str, int]:
@@ -149,9 +189,14 @@ def _info_meta(info: DataInfo) -> dict[str, int]:
 
 def _meta(data: DataConfig, model: ModelConfig, train: TrainConfig, info: DataInfo, **more: Any) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it (and what `export` needs to rebuild it)."""
-    return {"model": dataclasses.asdict(model), "info": _info_meta(info), "epochs": train.epochs,
-            "data": {k: getattr(data, k) for k in ("dataset", "batch_size", "train_limit", "augment")},
-            "seed": train.seed, **more}
+    return {
+        "model": dataclasses.asdict(model),
+        "info": _info_meta(info),
+        "epochs": train.epochs,
+        "data": {k: getattr(data, k) for k in ("dataset", "batch_size", "train_limit", "augment")},
+        "seed": train.seed,
+        **more,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -166,8 +211,16 @@ def _start_run(data: DataConfig, train: TrainConfig, out: str, resume: bool):
     return rank, world, out_dir, device, loaders
 
 
-def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, optim: OptimConfig, *,
-              out: str, checkpoint: str = "", resume: bool = False) -> dict[str, Any]:
+def run_train(
+    data: DataConfig,
+    model_cfg: ModelConfig,
+    train: TrainConfig,
+    optim: OptimConfig,
+    *,
+    out: str,
+    checkpoint: str = "",
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train a base model into ``out`` (``last.pt``, ``log.csv``, ``summary.json``, ``history.png``)."""
     rank, world, out_dir, device, (train_loader, test_loader, info) = _start_run(data, train, out, resume)
     model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
@@ -177,16 +230,36 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, opti
     report = flops(model, example)
     t0 = time.perf_counter()
     initial = evaluate(model.to(device), test_loader, device=device) if checkpoint else None
-    history = fit(model, train_loader, test_loader, epochs=train.epochs, optimizer=sgd(model, optim),
-                  checkpoint_dir=out_dir, resume=resume, amp=train.amp, channels_last=train.channels_last,
-                  log_dir=out_dir, device=device, eval_every=train.eval_every,
-                  checkpoint_every=train.checkpoint_every, progress=train.progress,
-                  meta=_meta(data, model_cfg, train, info, command="train", optim=dataclasses.asdict(optim)))
+    history = fit(
+        model,
+        train_loader,
+        test_loader,
+        epochs=train.epochs,
+        optimizer=sgd(model, optim),
+        checkpoint_dir=out_dir,
+        resume=resume,
+        amp=train.amp,
+        channels_last=train.channels_last,
+        log_dir=out_dir,
+        device=device,
+        eval_every=train.eval_every,
+        checkpoint_every=train.checkpoint_every,
+        progress=train.progress,
+        meta=_meta(data, model_cfg, train, info, command="train", optim=dataclasses.asdict(optim)),
+    )
     final = evaluate(model, test_loader, device=device, amp=train.amp, channels_last=train.channels_last)
-    summary = {"command": "train", "arch": model_cfg.arch, "dataset": data.dataset, "epochs": train.epochs,
-               "accuracy": final["acc"], "initial_accuracy": initial["acc"] if initial else None,
-               "macs": int(report.total_macs), "params": int(report.total_params),
-               "wall_time_s": time.perf_counter() - t0, "world_size": world}
+    summary = {
+        "command": "train",
+        "arch": model_cfg.arch,
+        "dataset": data.dataset,
+        "epochs": train.epochs,
+        "accuracy": final["acc"],
+        "initial_accuracy": initial["acc"] if initial else None,
+        "macs": int(report.total_macs),
+        "params": int(report.total_params),
+        "wall_time_s": time.perf_counter() - t0,
+        "world_size": world,
+    }
     if is_main_process():
         from .plots import plot_history
 
@@ -195,25 +268,47 @@ def run_train(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, opti
     return summary
 
 
-def _resrep(model_cfg: ModelConfig, rr_cfg: ResRepConfig, info: DataInfo, example: torch.Tensor,
-            iters_per_epoch: int, epochs: int, device: torch.device):
+def _resrep(
+    model_cfg: ModelConfig,
+    rr_cfg: ResRepConfig,
+    info: DataInfo,
+    example: torch.Tensor,
+    iters_per_epoch: int,
+    epochs: int,
+    device: torch.device,
+):
     from .method import ResRep
 
     base = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
-    return base, lambda: ResRep(base.to(device), example.to(device), rr_cfg, iters_per_epoch=iters_per_epoch,
-                                total_iters=epochs * iters_per_epoch)
+    return base, lambda: ResRep(
+        base.to(device),
+        example.to(device),
+        rr_cfg,
+        iters_per_epoch=iters_per_epoch,
+        total_iters=epochs * iters_per_epoch,
+    )
 
 
 def _export_deploy(rr, verify: torch.Tensor, out_dir: Path, formats: Sequence[str], extra: dict[str, Any]):
     deploy, report = rr.convert(verify)
     extra = {**extra, "plan": deploy.meta["reparam.plan"].to_json()}  # rebuilds it exactly (`deploy_shell`)
-    results = export_model(deploy, verify, out_dir, name="deploy", formats=formats,
-                           tolerance=max(report.tolerance, 1e-5), extra=extra)
+    results = export_model(
+        deploy, verify, out_dir, name="deploy", formats=formats, tolerance=max(report.tolerance, 1e-5), extra=extra
+    )
     return deploy, report, results
 
 
-def run_prune(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, rr_cfg: ResRepConfig, *,
-              checkpoint: str, out: str, resume: bool = False, formats: Sequence[str] = FORMATS) -> dict[str, Any]:
+def run_prune(
+    data: DataConfig,
+    model_cfg: ModelConfig,
+    train: TrainConfig,
+    rr_cfg: ResRepConfig,
+    *,
+    checkpoint: str,
+    out: str,
+    resume: bool = False,
+    formats: Sequence[str] = FORMATS,
+) -> dict[str, Any]:
     """ResRep from ``checkpoint`` into ``out``: train with compactors, convert, verify, evaluate, export.
 
     A run that ends above ``flops_target`` still converts and writes everything (``summary.json`` says
@@ -228,12 +323,26 @@ def run_prune(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, rr_c
     rr = make()
     optimizer = rr.optimizer()
     t0 = time.perf_counter()
-    history = fit(rr.model, train_loader, test_loader, epochs=train.epochs, optimizer=optimizer,
-                  scheduler=rr.lr_scheduler(optimizer), hooks=rr, checkpoint_dir=out_dir, resume=resume, amp=train.amp, channels_last=train.channels_last,
-                  log_dir=out_dir, device=device, eval_every=train.eval_every,
-                  checkpoint_every=train.checkpoint_every, progress=train.progress,
-                  metrics=lambda: {"macs": rr.macs(masked=True), "masked": sum(int((~m).sum()) for m in rr.masks.values())},
-                  meta=_meta(data, model_cfg, train, info, command="prune", resrep=dataclasses.asdict(rr_cfg)))
+    history = fit(
+        rr.model,
+        train_loader,
+        test_loader,
+        epochs=train.epochs,
+        optimizer=optimizer,
+        scheduler=rr.lr_scheduler(optimizer),
+        hooks=rr,
+        checkpoint_dir=out_dir,
+        resume=resume,
+        amp=train.amp,
+        channels_last=train.channels_last,
+        log_dir=out_dir,
+        device=device,
+        eval_every=train.eval_every,
+        checkpoint_every=train.checkpoint_every,
+        progress=train.progress,
+        metrics=lambda: {"macs": rr.macs(masked=True), "masked": sum(int((~m).sum()) for m in rr.masks.values())},
+        meta=_meta(data, model_cfg, train, info, command="prune", resrep=dataclasses.asdict(rr_cfg)),
+    )
     wall = time.perf_counter() - t0
     try:
         rr.check_target()
@@ -249,21 +358,35 @@ def run_prune(data: DataConfig, model_cfg: ModelConfig, train: TrainConfig, rr_c
         deploy, report, results = _export_deploy(rr, verify, out_dir, formats, extra)
         pruned_eval = evaluate(deploy, test_loader, device=device, amp=train.amp)
         summary = {
-            "command": "prune", "arch": model_cfg.arch, "dataset": data.dataset, "epochs": train.epochs,
-            "base_accuracy": base_eval["acc"], "pruned_accuracy": pruned_eval["acc"],
+            "command": "prune",
+            "arch": model_cfg.arch,
+            "dataset": data.dataset,
+            "epochs": train.epochs,
+            "base_accuracy": base_eval["acc"],
+            "pruned_accuracy": pruned_eval["acc"],
             "accuracy_drop": base_eval["acc"] - pruned_eval["acc"],
             "compactor_model_accuracy": history[-1].get("val_acc") if history else None,
             **{k: v for k, v in report.as_dict().items() if k not in ("widths_before", "widths_after")},
-            "widths_before": report.widths_before, "widths_after": report.widths_after,
+            "widths_before": report.widths_before,
+            "widths_after": report.widths_after,
             "group_widths": {str(g.id): {"size": g.size, "kept": int(rr.masks[g.id].sum())} for g in rr.groups},
-            "exports": {r.format: {"path": str(r.path), "max_rel_error": r.max_rel_error, "checked_with": r.checked_with}
-                        for r in results},
-            "wall_time_s": wall, "world_size": world, "resrep_config": dataclasses.asdict(rr_cfg),
-            "plan": rr.plan.describe(), "target_met": missed is None,
+            "exports": {
+                r.format: {"path": str(r.path), "max_rel_error": r.max_rel_error, "checked_with": r.checked_with}
+                for r in results
+            },
+            "wall_time_s": wall,
+            "world_size": world,
+            "resrep_config": dataclasses.asdict(rr_cfg),
+            "plan": rr.plan.describe(),
+            "target_met": missed is None,
         }
         _summary_write(out_dir, summary)
-        plot_widths(report.widths_before, report.widths_after, out_dir / "widths.png",
-                    title=f"{model_cfg.arch}: widths before/after ResRep")
+        plot_widths(
+            report.widths_before,
+            report.widths_after,
+            out_dir / "widths.png",
+            title=f"{model_cfg.arch}: widths before/after ResRep",
+        )
         plot_history(history, out_dir / "history.png", title=f"ResRep {model_cfg.arch} on {data.dataset}")
     if missed is not None:
         raise missed
@@ -275,8 +398,13 @@ def _require_prune_checkpoint(obj: Any, source: str) -> None:
         raise CheckpointError(f"{source} is not a prune run's checkpoint (OUT/last.pt of `resrep prune`)")
 
 
-def restore_resrep(checkpoint: Mapping[str, Any], model_cfg: ModelConfig, info: DataInfo, example: torch.Tensor,
-                   source: str = "checkpoint"):
+def restore_resrep(
+    checkpoint: Mapping[str, Any],
+    model_cfg: ModelConfig,
+    info: DataInfo,
+    example: torch.Tensor,
+    source: str = "checkpoint",
+):
     """The `ResRep` of a prune run's checkpoint (``OUT/last.pt``, already loaded): the model rebuilt,
     compactors and masks restored, ready for ``convert()``. CheckpointError for any other file."""
     from .method import ResRep
@@ -317,8 +445,9 @@ def run_eval(data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, devic
     return {"checkpoint": str(path), **evaluate(model.to(dev), test_loader, device=dev)}
 
 
-def run_export(data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, out: str,
-               formats: Sequence[str] = FORMATS) -> dict[str, Any]:
+def run_export(
+    data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, out: str, formats: Sequence[str] = FORMATS
+) -> dict[str, Any]:
     """Convert a prune run's ``last.pt`` (masks + compactors) and export the narrow model into ``out``."""
     obj = load_file(checkpoint)
     _require_prune_checkpoint(obj, checkpoint)
@@ -327,8 +456,11 @@ def run_export(data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, out
     verify = next(iter(test_loader))[0][:64]
     extra = {"arch": dataclasses.asdict(model_cfg), "info": _info_meta(info)}
     _, report, results = _export_deploy(rr, verify, Path(out), formats, extra)
-    return {"max_rel_error": report.max_rel_error, "macs_reduction": report.macs_reduction,
-            "exports": {r.format: str(r.path) for r in results}}
+    return {
+        "max_rel_error": report.max_rel_error,
+        "macs_reduction": report.macs_reduction,
+        "exports": {r.format: str(r.path) for r in results},
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,8 +473,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import ModelError
 
     ns = build_parser().parse_args(argv)
-    known = (DataError, ModelError, CheckpointError, NonFiniteLossError, ExportError, ConversionError,
-             GraphTraceError, PruneError, ValueError)
+    known = (
+        DataError,
+        ModelError,
+        CheckpointError,
+        NonFiniteLossError,
+        ExportError,
+        ConversionError,
+        GraphTraceError,
+        PruneError,
+        ValueError,
+    )
     try:
         if ns.command == "demo":
             from .demo import run_demo
@@ -352,11 +493,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         data, model_cfg = _config(DataConfig, ns), _config(ModelConfig, ns)
         formats = [f for f in getattr(ns, "formats", "").split(",") if f]
         if ns.command == "train":
-            result = run_train(data, model_cfg, _config(TrainConfig, ns), _config(OptimConfig, ns),
-                               out=ns.out, checkpoint=ns.checkpoint, resume=ns.resume)
+            result = run_train(
+                data,
+                model_cfg,
+                _config(TrainConfig, ns),
+                _config(OptimConfig, ns),
+                out=ns.out,
+                checkpoint=ns.checkpoint,
+                resume=ns.resume,
+            )
         elif ns.command == "prune":
-            result = run_prune(data, model_cfg, _config(TrainConfig, ns), _config(ResRepConfig, ns),
-                               checkpoint=ns.checkpoint, out=ns.out, resume=ns.resume, formats=formats)
+            result = run_prune(
+                data,
+                model_cfg,
+                _config(TrainConfig, ns),
+                _config(ResRepConfig, ns),
+                checkpoint=ns.checkpoint,
+                out=ns.out,
+                resume=ns.resume,
+                formats=formats,
+            )
         elif ns.command == "eval":
             result = run_eval(data, model_cfg, checkpoint=ns.checkpoint)
         else:

@@ -46,6 +46,7 @@ missed it and what to change. Conversion: ``threshold`` 1e-5 is the largest remo
 as decayed; ``verify_tolerance`` (``None``: 1e-10 in float64, 1e-5 otherwise) bounds the converted
 model's error; ``round_to`` makes kept widths multiples of it.
 """
+
 from __future__ import annotations
 
 import math
@@ -105,13 +106,24 @@ class ResRepConfig:
         if not (isinstance(self.flops_target, (int, float)) and 0.0 < self.flops_target < 1.0):
             raise ValueError(
                 f"flops_target must lie in (0, 1) (the fraction of the original MACs to keep), "
-                f"got {self.flops_target!r}; e.g. 0.471 keeps 47.1% (a 52.9% reduction)")
-        for name, allowed in (("mode", ("residual", "paper")), ("recipe", ("auto", "paper", "budget")),
-                              ("on_inexact", ("raise", "warn")), ("score", (None, "taylor", "fused", "norm"))):
+                f"got {self.flops_target!r}; e.g. 0.471 keeps 47.1% (a 52.9% reduction)"
+            )
+        for name, allowed in (
+            ("mode", ("residual", "paper")),
+            ("recipe", ("auto", "paper", "budget")),
+            ("on_inexact", ("raise", "warn")),
+            ("score", (None, "taylor", "fused", "norm")),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("mask_interval", "begin_granularity", "num_at_least", "before_mask_epochs", "round_to",
-                     "mask_rounds"):
+        for name in (
+            "mask_interval",
+            "begin_granularity",
+            "num_at_least",
+            "before_mask_epochs",
+            "round_to",
+            "mask_rounds",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "before_mask_epochs" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -119,8 +131,15 @@ class ResRepConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
-        for name in ("lasso_strength", "lr", "momentum", "weight_decay", "bias_lr_factor",
-                     "compactor_momentum", "threshold"):
+        for name in (
+            "lasso_strength",
+            "lr",
+            "momentum",
+            "weight_decay",
+            "bias_lr_factor",
+            "compactor_momentum",
+            "threshold",
+        ):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -132,7 +151,8 @@ class ResRepConfig:
         if not (0.0 <= fractions[0] < fractions[1] < fractions[2] <= 1.0):
             raise ValueError(
                 "the budget schedule needs 0 <= mask_start_fraction < mask_end_fraction < freeze_fraction <= 1, "
-                f"got {fractions}")
+                f"got {fractions}"
+            )
 
     def mask_start(self, iters_per_epoch: int | None) -> int:
         """Paper recipe: iterations before the first mask update: ``before_mask_iters``, else
@@ -142,7 +162,8 @@ class ResRepConfig:
         if iters_per_epoch is None or iters_per_epoch < 1:
             raise ValueError(
                 "ResRepConfig.before_mask_iters is None (= before_mask_epochs epochs), so the paper recipe needs "
-                "iters_per_epoch: pass ResRep(..., iters_per_epoch=len(train_loader)) or set before_mask_iters")
+                "iters_per_epoch: pass ResRep(..., iters_per_epoch=len(train_loader)) or set before_mask_iters"
+            )
         return self.before_mask_epochs * iters_per_epoch
 
     def is_mask_update(self, iteration: int, iters_per_epoch: int | None) -> bool:

@@ -15,29 +15,30 @@ Steps (eval mode; BN folded with its running statistics):
 4. Verify: the converted model against the reference on the example (or given) inputs; the max
    error relative to max|y| must not exceed the tolerance (1e-10 in float64, 1e-5 otherwise).
 """
+
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
 from reparam.graph import ChannelGraph, ChannelGroup, prune, trace
 from reparam.graph.tracing import as_tuple
-from reparam.ops import NormStats, fuse_bn
+from reparam.merge import fold_norm_into
 from reparam.ops.blocks import Compactor
 from reparam.ops.geometry import ConvGeometry
+from reparam.verify import relative_error
 
 if TYPE_CHECKING:
     from .method import ResRep
 
-__all__ = ["ConversionError", "ConversionReport", "convert", "max_relative_error", "biased_like"]
+__all__ = ["ConversionError", "ConversionReport", "convert", "biased_like"]
 
 
 class ConversionError(ValueError):
@@ -78,16 +79,6 @@ class ConversionReport:
         return {**asdict(self), "macs_reduction": self.macs_reduction, "params_reduction": self.params_reduction}
 
 
-def max_relative_error(reference: Any, output: Any) -> float:
-    """``max|y − ŷ| / max|y|`` over all tensors of two (nested) outputs of the same structure."""
-    ref, out = tree_leaves(reference), tree_leaves(output)
-    if len(ref) != len(out):
-        raise ConversionError(f"the converted model returns {len(out)} tensors, the reference {len(ref)}")
-    scale = max(float(r.abs().max()) for r in ref) if ref else 0.0
-    err = max(float((r - o).abs().max()) for r, o in zip(ref, out)) if ref else 0.0
-    return err / scale if scale > 0 else err
-
-
 def _default_tolerance(model: nn.Module) -> float:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return 1e-10 if dtypes == {torch.float64} else 1e-5
@@ -126,7 +117,7 @@ def _plain_layer(layer: nn.Module, kernel: Tensor, bias: Tensor) -> nn.Module:
 
 
 @torch.no_grad()
-def _fold_producers(rr: "ResRep", model: nn.Module) -> None:
+def _fold_producers(rr: ResRep, model: nn.Module) -> None:
     """In place on a compacted copy: every producer becomes a biased conv/linear holding its BN and
     compactor; BN slots become ``nn.Identity``. Paths end up as in the original model. Producers of
     other types (no compactor on them) keep their BN."""
@@ -137,12 +128,11 @@ def _fold_producers(rr: "ResRep", model: nn.Module) -> None:
         layer = model.get_submodule(site.conv if site is not None else module)
         if site is None and (norm_path is None or not _foldable(layer)):
             continue
-        kernel = layer.weight.detach()
-        bias = layer.bias.detach() if layer.bias is not None else kernel.new_zeros(kernel.shape[0])
         if norm_path is not None:
             norm = model.get_submodule(norm_path)
-            norm = norm.host if site is not None else norm
-            kernel, bias = fuse_bn(kernel, bias, NormStats.from_module(norm, name=norm_path))
+            fold_norm_into(layer, norm.host if site is not None else norm, norm_path)
+        kernel = layer.weight.detach()
+        bias = layer.bias.detach() if layer.bias is not None else kernel.new_zeros(kernel.shape[0])
         if site is not None:
             kernel, bias = model.get_submodule(site.host).compactor.fold_into(kernel, bias)
         model.set_submodule(module, _plain_layer(layer, kernel, bias))
@@ -167,7 +157,8 @@ def _keep_in(plain: ChannelGraph, group: ChannelGroup, keep: Tensor) -> tuple[in
                 return candidate.id, kept
     raise ConversionError(
         f"the channels of {p.module} (group {group.id}, {group.size} channels) have no counterpart in the "
-        "BN-folded model's channel graph; folding changed the coupling, so the masks cannot be applied")
+        "BN-folded model's channel graph; folding changed the coupling, so the masks cannot be applied"
+    )
 
 
 def _param_count(model: nn.Module, skip: tuple[type[nn.Module], ...] = ()) -> int:
@@ -175,7 +166,7 @@ def _param_count(model: nn.Module, skip: tuple[type[nn.Module], ...] = ()) -> in
 
 
 @torch.no_grad()
-def convert(rr: "ResRep", verify_inputs: Tensor | Sequence[Tensor] | None = None) -> tuple[nn.Module, ConversionReport]:
+def convert(rr: ResRep, verify_inputs: Tensor | Sequence[Tensor] | None = None) -> tuple[nn.Module, ConversionReport]:
     """``(deploy, report)``: the narrow plain network equal to ``rr.model`` with masked rows zeroed,
     as the `torch.fx.GraphModule` that `reparam.graph.prune` returns (the original module names).
 
@@ -198,14 +189,17 @@ def convert(rr: "ResRep", verify_inputs: Tensor | Sequence[Tensor] | None = None
     deploy = copy.deepcopy(reference)
     _fold_producers(rr, deploy)
     plain = trace(deploy, example)
-    keep_plan = {gid: keep for gid, keep in (_keep_in(plain, group, rr.masks[group.id]) for group in rr.groups)
-                 if len(keep) < plain.groups[gid].size}
+    keep_plan = {
+        gid: keep
+        for gid, keep in (_keep_in(plain, group, rr.masks[group.id]) for group in rr.groups)
+        if len(keep) < plain.groups[gid].size
+    }
     pruned = prune(deploy, example, keep_plan, graph=plain).eval()
 
     output = pruned(*inputs)
-    error = max_relative_error(reference(*inputs), output)
+    error = relative_error(reference(*inputs), output)
     with _evaluating(rr.model) as trained:
-        error_trained = max_relative_error(trained(*inputs), output)
+        error_trained = relative_error(trained(*inputs), output)
     tolerance = cfg.verify_tolerance if cfg.verify_tolerance is not None else _default_tolerance(rr.model)
     widths_after = {}
     for group in rr.graph.groups:
@@ -225,13 +219,18 @@ def convert(rr: "ResRep", verify_inputs: Tensor | Sequence[Tensor] | None = None
     )
     if not error <= tolerance:
         shifting = [n for n, m in pruned.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-        message = (f"ResRep conversion is not exact: max relative error {error:.3e} > tolerance {tolerance:.1e} "
-                   "between the converted model and the compactor model with masked rows zeroed; "
-                   "a layer between a producer and its consumers does not map a zero channel to zero"
-                   + (f": the norm layers {shifting[:5]} do not directly follow a conv, so they add "
-                      "their shift to removed channels; put each BatchNorm right after its conv"
-                      if shifting else " (a bias-adding or non-zero-preserving op); mark it a leaf module "
-                      "(ResRep(..., leaf_modules=...)) so its channels stay unpruned"))
+        message = (
+            f"ResRep conversion is not exact: max relative error {error:.3e} > tolerance {tolerance:.1e} "
+            "between the converted model and the compactor model with masked rows zeroed; "
+            "a layer between a producer and its consumers does not map a zero channel to zero"
+            + (
+                f": the norm layers {shifting[:5]} do not directly follow a conv, so they add "
+                "their shift to removed channels; put each BatchNorm right after its conv"
+                if shifting
+                else " (a bias-adding or non-zero-preserving op); mark it a leaf module "
+                "(ResRep(..., leaf_modules=...)) so its channels stay unpruned"
+            )
+        )
         if cfg.on_inexact == "raise":
             raise ConversionError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
@@ -240,5 +239,8 @@ def convert(rr: "ResRep", verify_inputs: Tensor | Sequence[Tensor] | None = None
             f"ResRep conversion removed compactor rows that had not decayed: largest removed row norm "
             f"{largest:.3e} > threshold {cfg.threshold:.0e}; the converted model equals the masked model, "
             f"which differs from the trained one by max relative error {error_trained:.3e} (train longer "
-            "after the last mask change)", RuntimeWarning, stacklevel=4)
+            "after the last mask change)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     return pruned, report

@@ -14,6 +14,7 @@ Sources (`DataConfig.dataset`):
 Batches are drawn by `EpochSampler`: a shuffle fixed by ``(seed, epoch)`` that can start at any batch,
 so a resumed run sees exactly the batches an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
-    "DataConfig", "DataInfo", "DataError", "ArrayDataset", "EpochSampler",
-    "load_digits_arrays", "load_npz_arrays", "load_jpeg_npz_arrays", "build_datasets", "build_loaders",
+    "DataConfig",
+    "DataInfo",
+    "DataError",
+    "ArrayDataset",
+    "EpochSampler",
+    "load_digits_arrays",
+    "load_npz_arrays",
+    "load_jpeg_npz_arrays",
+    "build_datasets",
+    "build_loaders",
 ]
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -79,8 +88,17 @@ class ArrayDataset(Dataset):
     Output x = (crop/flip(img) / 255 - mean) / std, as float32 CHW.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, mean: tuple[float, ...],
-                 std: tuple[float, ...], augment: bool, flip: bool = True, scale: float = 255.0):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: bool,
+        flip: bool = True,
+        scale: float = 255.0,
+    ):
         if images.ndim != 4 or images.dtype != np.uint8:
             raise DataError(f"images must be uint8 NHWC, got {images.dtype} with shape {images.shape}")
         if len(images) != len(labels):
@@ -103,7 +121,7 @@ class ArrayDataset(Dataset):
             p = self.pad
             padded = torch.nn.functional.pad(x, (p, p, p, p))
             dy, dx = (int(v) for v in torch.randint(0, 2 * p + 1, (2,)))
-            x = padded[:, dy:dy + h, dx:dx + w]
+            x = padded[:, dy : dy + h, dx : dx + w]
             if self.flip and bool(torch.rand(()) < 0.5):
                 x = x.flip(-1)
         return (x - self.mean) / self.std, self.labels[i]
@@ -116,8 +134,9 @@ class EpochSampler(Sampler[int]):
     is what makes a resumed run continue exactly where the checkpoint was written.
     """
 
-    def __init__(self, n: int, *, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, n: int, *, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.per_rank = math.ceil(n / world_size)
@@ -134,10 +153,10 @@ class EpochSampler(Sampler[int]):
             order = list(range(self.n))
         total = self.per_rank * self.world_size  # pad (cyclically) so every rank gets as many
         order = (order * math.ceil(total / self.n))[:total]
-        return order[self.rank::self.world_size]
+        return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.start_batch * self.batch_size:])
+        return iter(self._indices()[self.start_batch * self.batch_size :])
 
     def __len__(self) -> int:
         return max(0, self.per_rank - self.start_batch * self.batch_size)
@@ -162,8 +181,11 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     table = np.loadtxt(path, delimiter=",", dtype=np.int64)
     x, y = table[:, :-1].reshape(-1, 8, 8, 1).astype(np.uint8), table[:, -1]
     rng = np.random.default_rng(0)
-    test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[: round(0.25 * int((y == c).sum()))]
-                                   for c in np.unique(y)]))
+    test = np.sort(
+        np.concatenate(
+            [rng.permutation(np.flatnonzero(y == c))[: round(0.25 * int((y == c).sum()))] for c in np.unique(y)]
+        )
+    )
     train = np.setdiff1d(np.arange(len(y)), test)
     return x[train], y[train], x[test], y[test]
 
@@ -206,13 +228,16 @@ def load_npz_arrays(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     from PIL import Image
 
-    images = [np.asarray(Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
-              for i in range(len(offsets) - 1)]
+    images = [
+        np.asarray(Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+        for i in range(len(offsets) - 1)
+    ]
     return np.stack(images)
 
 
-def load_jpeg_npz_arrays(path: str, *, train_limit: int = 0, test_limit: int = 0
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_jpeg_npz_arrays(
+    path: str, *, train_limit: int = 0, test_limit: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Decode a JPEG-bytes .npz (``train_jpeg, train_offsets, y_train, test_jpeg, test_offsets, y_test``)."""
     p = _check_file(path, "jpeg-npz dataset")
     keys = ("train_jpeg", "train_offsets", "y_train", "test_jpeg", "test_offsets", "y_test")
@@ -229,15 +254,15 @@ def load_jpeg_npz_arrays(path: str, *, train_limit: int = 0, test_limit: int = 0
 
 def _stats(cfg: DataConfig, default: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     preset = cfg.normalize or default
-    table = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar": (CIFAR_MEAN, CIFAR_STD),
-             "none": ((0.0,), (1.0,))}
+    table = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar": (CIFAR_MEAN, CIFAR_STD), "none": ((0.0,), (1.0,))}
     if preset not in table:
         raise DataError(f"unknown normalize preset {preset!r}; use one of {sorted(table)}")
     return table[preset]
 
 
-def _arrays_datasets(cfg: DataConfig, arrays, *, scale: float = 255.0, flip: bool = True,
-                     stats=None) -> tuple[Dataset, Dataset, DataInfo]:
+def _arrays_datasets(
+    cfg: DataConfig, arrays, *, scale: float = 255.0, flip: bool = True, stats=None
+) -> tuple[Dataset, Dataset, DataInfo]:
     x_tr, y_tr, x_te, y_te = arrays
     x_tr, y_tr = _limit(x_tr, y_tr, cfg.train_limit)
     x_te, y_te = _limit(x_te, y_te, cfg.test_limit)
@@ -275,10 +300,15 @@ def _torchvision_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
         mean, std = _stats(cfg, "imagenet")
         s = cfg.image_size
         norm = [T.ToTensor(), T.Normalize(mean, std)]
-        aug = [T.RandomResizedCrop(s), T.RandomHorizontalFlip()] if cfg.augment else [T.Resize(s * 8 // 7), T.CenterCrop(s)]
+        aug = (
+            [T.RandomResizedCrop(s), T.RandomHorizontalFlip()]
+            if cfg.augment
+            else [T.Resize(s * 8 // 7), T.CenterCrop(s)]
+        )
         train = torchvision.datasets.ImageFolder(str(root / "train"), transform=T.Compose(aug + norm))
-        test = torchvision.datasets.ImageFolder(str(root / "val"),
-                                                transform=T.Compose([T.Resize(s * 8 // 7), T.CenterCrop(s)] + norm))
+        test = torchvision.datasets.ImageFolder(
+            str(root / "val"), transform=T.Compose([T.Resize(s * 8 // 7), T.CenterCrop(s)] + norm)
+        )
         if train.classes != test.classes:
             raise DataError(f"imagefolder: train and val class folders differ under {root}")
         info = DataInfo(len(train.classes), 3, s)
@@ -303,8 +333,9 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
     raise DataError(f"unknown dataset {cfg.dataset!r}; use digits, npz, jpeg-npz, cifar10, cifar100 or imagefolder")
 
 
-def build_loaders(cfg: DataConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False
-                  ) -> tuple[DataLoader, DataLoader, DataInfo]:
+def build_loaders(
+    cfg: DataConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+) -> tuple[DataLoader, DataLoader, DataInfo]:
     """Train loader (an `EpochSampler` shuffled by `seed` and the epoch, this rank's shard) and test
     loader (whole set, in order, on every rank)."""
     train, test, info = build_datasets(cfg)

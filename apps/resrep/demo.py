@@ -10,6 +10,7 @@ Taylor-scored channels masked in 20 front-loaded rounds over the first quarter o
 fading to exactly 0 by 30% of it, then fine-tuning with every penalty off. The conversion is exact by
 construction (largest removed compactor row 0) and verified.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +34,16 @@ DEMO_CONFIG = ResRepConfig(flops_target=0.5, lr=0.03, weight_decay=1e-4)
 BASE_EPOCHS, PRUNE_EPOCHS, SEED = 20, 30, 0
 
 
-def run_demo(out: str | Path | None = None, quiet: bool = False, *, base_epochs: int = BASE_EPOCHS,
-             prune_epochs: int = PRUNE_EPOCHS, config: ResRepConfig = DEMO_CONFIG) -> dict[str, Any]:
+def run_demo(
+    out: str | Path | None = None,
+    quiet: bool = False,
+    *,
+    base_epochs: int = BASE_EPOCHS,
+    prune_epochs: int = PRUNE_EPOCHS,
+    config: ResRepConfig = DEMO_CONFIG,
+) -> dict[str, Any]:
     """Run the demo and return its summary (also printed, and written to ``out/summary.json`` if given)."""
+
     def say(text: str) -> None:
         if not quiet:
             print(text, flush=True)
@@ -54,18 +62,36 @@ def _run(out, say, base_epochs: int, prune_epochs: int, config: ResRepConfig) ->
     device = torch.device("cpu")
     train_loader, test_loader, info = build_loaders(DataConfig(dataset="digits", batch_size=64), seed=SEED)
     model = DigitsResNet(info.num_classes, info.in_channels, width=16)
-    say(f"[1/4] training the base model on digits ({len(train_loader.dataset)} train / "
-        f"{len(test_loader.dataset)} test images, {base_epochs} epochs)")
-    fit(model, train_loader, test_loader, epochs=base_epochs, optimizer=sgd(model, OptimConfig(lr=0.1)),
-        device=device, progress=False)
+    say(
+        f"[1/4] training the base model on digits ({len(train_loader.dataset)} train / "
+        f"{len(test_loader.dataset)} test images, {base_epochs} epochs)"
+    )
+    fit(
+        model,
+        train_loader,
+        test_loader,
+        epochs=base_epochs,
+        optimizer=sgd(model, OptimConfig(lr=0.1)),
+        device=device,
+        progress=False,
+    )
     base = evaluate(model, test_loader, device=device)
 
     say(f"[2/4] ResRep to {config.flops_target:.0%} of the MACs ({prune_epochs} epochs)")
     example = next(iter(test_loader))[0][:1]  # MACs are counted for the traced batch: one image
     rr = ResRep(model, example, config, iters_per_epoch=len(train_loader), total_iters=prune_epochs * len(train_loader))
     optimizer = rr.optimizer()
-    fit(rr.model, train_loader, test_loader, epochs=prune_epochs, optimizer=optimizer,
-        scheduler=rr.lr_scheduler(optimizer), hooks=rr, device=device, progress=False)
+    fit(
+        rr.model,
+        train_loader,
+        test_loader,
+        epochs=prune_epochs,
+        optimizer=optimizer,
+        scheduler=rr.lr_scheduler(optimizer),
+        hooks=rr,
+        device=device,
+        progress=False,
+    )
     rr.check_target()
 
     say("[3/4] converting to the plain narrow network and verifying it")
@@ -78,24 +104,37 @@ def _run(out, say, base_epochs: int, prune_epochs: int, config: ResRepConfig) ->
     say("[4/4] evaluating")
     pruned = evaluate(deploy, test_loader, device=device)
     summary = {
-        "base_accuracy": base["acc"], "pruned_accuracy": pruned["acc"], "accuracy_drop": base["acc"] - pruned["acc"],
-        "macs_before": report.macs_before, "macs_after": report.macs_after, "macs_reduction": report.macs_reduction,
-        "params_before": report.params_before, "params_after": report.params_after,
-        "max_rel_error": report.max_rel_error, "max_rel_error_vs_trained": report.max_rel_error_vs_trained,
-        "largest_removed_norm": report.largest_removed_norm, "widths_before": report.widths_before,
-        "widths_after": report.widths_after, "wall_time_s": time.perf_counter() - t0,
-        "config": dataclasses.asdict(config), "plan": rr.plan.describe(),
+        "base_accuracy": base["acc"],
+        "pruned_accuracy": pruned["acc"],
+        "accuracy_drop": base["acc"] - pruned["acc"],
+        "macs_before": report.macs_before,
+        "macs_after": report.macs_after,
+        "macs_reduction": report.macs_reduction,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "max_rel_error": report.max_rel_error,
+        "max_rel_error_vs_trained": report.max_rel_error_vs_trained,
+        "largest_removed_norm": report.largest_removed_norm,
+        "widths_before": report.widths_before,
+        "widths_after": report.widths_after,
+        "wall_time_s": time.perf_counter() - t0,
+        "config": dataclasses.asdict(config),
+        "plan": rr.plan.describe(),
     }
-    say(f"\nbase accuracy     {base['acc']:6.2f} %\n"
+    say(
+        f"\nbase accuracy     {base['acc']:6.2f} %\n"
         f"pruned accuracy   {pruned['acc']:6.2f} %   (drop {summary['accuracy_drop']:+.2f} points)\n"
         f"MACs              {report.macs_before:,} -> {report.macs_after:,}   (-{report.macs_reduction:.1%})\n"
         f"params            {report.params_before:,} -> {report.params_after:,}   (-{report.params_reduction:.1%})\n"
         f"conversion error  {report.max_rel_error:.2e} (max relative, vs the masked compactor model); "
         f"largest removed row norm {report.largest_removed_norm:.1e}\n"
-        f"widths            " + ", ".join(f"{k} {report.widths_before[k]}->{v}" for k, v in report.widths_after.items())
-        + f"\nwall time         {summary['wall_time_s']:.0f} s")
+        f"widths            "
+        + ", ".join(f"{k} {report.widths_before[k]}->{v}" for k, v in report.widths_after.items())
+        + f"\nwall time         {summary['wall_time_s']:.0f} s"
+    )
     if out is not None:
-        from .checkpoint import atomic_write_text
+        from reparam.atomic import atomic_write_text
+
         from .plots import plot_widths
 
         out = Path(out)

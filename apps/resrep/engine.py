@@ -13,6 +13,7 @@ batches already seen; mid-epoch positions are exact with ``workers=0``, epoch bo
 A non-finite loss stops training with `NonFiniteLossError` before the step is taken; the last good
 checkpoint stays in place.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,12 +33,24 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_file, rng_state, set_rng_state
+from reparam.atomic import atomic_save, atomic_write_text
+
+from .checkpoint import CheckpointError, load_file, rng_state, set_rng_state
 from .models import load_state_dict_checked
 
 __all__ = [
-    "TrainConfig", "OptimConfig", "Hooks", "NonFiniteLossError", "fit", "evaluate", "resolve_device",
-    "init_distributed", "is_main_process", "autocast", "sgd", "CHECKPOINT_NAME",
+    "TrainConfig",
+    "OptimConfig",
+    "Hooks",
+    "NonFiniteLossError",
+    "fit",
+    "evaluate",
+    "resolve_device",
+    "init_distributed",
+    "is_main_process",
+    "autocast",
+    "sgd",
+    "CHECKPOINT_NAME",
 ]
 
 CHECKPOINT_NAME = "last.pt"
@@ -94,9 +107,12 @@ def sgd(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     """SGD with weight decay on conv/linear weights (ndim > 1) only."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                            {"params": rest, "weight_decay": 0.0}],
-                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+    )
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -146,8 +162,15 @@ def _to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device | None = None, amp: str = "none",
-             channels_last: bool = False, loss_fn: Callable | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device | None = None,
+    amp: str = "none",
+    channels_last: bool = False,
+    loss_fn: Callable | None = None,
+) -> dict[str, float]:
     """Mean loss and top-1 accuracy (in %) of `model` over `loader`; the model is left in eval mode."""
     device = device or next(model.parameters()).device
     loss_fn = loss_fn or nn.functional.cross_entropy
@@ -196,13 +219,29 @@ def _tensorboard(log_dir: Path | None, purge_step: int):
     return SummaryWriter(str(log_dir / "tb"), purge_step=purge_step)
 
 
-def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, hooks: Hooks | None = None,
-        checkpoint_dir: str | Path | None = None, resume: bool = False, amp: str = "none",
-        channels_last: bool = False, log_dir: str | Path | None = None, device: torch.device | str | None = None,
-        eval_every: int = 1, checkpoint_every: int = 0, progress: bool = True,
-        metrics: Callable[[], Mapping[str, float]] | None = None, loss_fn: Callable | None = None,
-        meta: Mapping[str, Any] | None = None, max_steps: int | None = None) -> list[dict[str, Any]]:
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    hooks: Hooks | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    amp: str = "none",
+    channels_last: bool = False,
+    log_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
+    eval_every: int = 1,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    metrics: Callable[[], Mapping[str, float]] | None = None,
+    loss_fn: Callable | None = None,
+    meta: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
+) -> list[dict[str, Any]]:
     """Train `model` for `epochs` and return the per-epoch history (the rows of ``log.csv``).
 
     ``max_steps`` ends training after that many iterations in all, inside an epoch if need be (that
@@ -237,8 +276,10 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
         if not isinstance(ck, dict) or ck.get("format") != _FORMAT:
             raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this app (format {_FORMAT})")
         if ck.get("meta", {}) != meta:
-            raise CheckpointError(f"{ckpt_path} was written by another run: its settings {ck.get('meta')} "
-                                  f"differ from this run's {meta}; use a fresh --out or the same settings")
+            raise CheckpointError(
+                f"{ckpt_path} was written by another run: its settings {ck.get('meta')} "
+                f"differ from this run's {meta}; use a fresh --out or the same settings"
+            )
         load_state_dict_checked(model, ck["model"], f"checkpoint {ckpt_path}")
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -253,11 +294,24 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
     def save(epoch_: int, batch_: int) -> None:
         if ckpt_path is None or not is_main_process():
             return
-        atomic_save({"format": _FORMAT, "meta": meta, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "hooks": hooks.state_dict() if hooks is not None else None,
-                     "rng": rng_state(), "epoch": epoch_, "step_in_epoch": batch_, "step": step,
-                     "history": history, "sums": sums}, ckpt_path)
+        atomic_save(
+            {
+                "format": _FORMAT,
+                "meta": meta,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "hooks": hooks.state_dict() if hooks is not None else None,
+                "rng": rng_state(),
+                "epoch": epoch_,
+                "step_in_epoch": batch_,
+                "step": step,
+                "history": history,
+                "sums": sums,
+            },
+            ckpt_path,
+        )
 
     net = model
     if _distributed():
@@ -273,8 +327,15 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
                 resumed_rng = None
             model.train()
             t0 = time.perf_counter()
-            bar = tqdm(batches, total=iters_per_epoch, initial=start_batch, disable=not (progress and main),
-                       desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                batches,
+                total=iters_per_epoch,
+                initial=start_batch,
+                disable=not (progress and main),
+                desc=f"epoch {epoch + 1}/{epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
             for b, (x, y) in enumerate(bar, start=start_batch):
                 x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
                 with autocast(device, amp):
@@ -286,8 +347,10 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
                 if not bool(finite):
                     where = f"epoch {epoch + 1}, batch {b + 1}, iteration {step + 1}"
                     kept = f"; the last good checkpoint {ckpt_path} is kept" if ckpt_path and ckpt_path.exists() else ""
-                    raise NonFiniteLossError(f"loss is {loss.item()} at {where}: stopped before the update"
-                                             f"{kept}. Lower the learning rate or use amp=bf16/none.")
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at {where}: stopped before the update"
+                        f"{kept}. Lower the learning rate or use amp=bf16/none."
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if scaler.is_enabled():
@@ -313,10 +376,14 @@ def fit(model: nn.Module, train_loader, val_loader, *, epochs: int, optimizer: t
                     save(epoch, b + 1)
             bar.close()
             sums["time"] += time.perf_counter() - t0
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                                   "train_loss": sums["loss"] / max(sums["n"], 1),
-                                   "train_acc": 100.0 * sums["correct"] / max(sums["n"], 1),
-                                   "epoch_time_s": sums["time"]}
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": sums["loss"] / max(sums["n"], 1),
+                "train_acc": 100.0 * sums["correct"] / max(sums["n"], 1),
+                "epoch_time_s": sums["time"],
+            }
             last = epoch + 1 == epochs or step >= total_steps
             if val_loader is not None and ((epoch + 1) % eval_every == 0 or last):
                 ev = evaluate(model, val_loader, device=device, amp=amp, channels_last=channels_last, loss_fn=loss_fn)

@@ -41,6 +41,7 @@ Deliberate differences from the original ResRep code:
   threshold, zeroes them exactly, reports the largest removed row norm and verifies the result;
 * the budget recipe (ours, the default for short runs): see `apps.resrep.config`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -153,8 +154,9 @@ class ResRep:
         self.model = copy.deepcopy(model)
         device = next(self.model.parameters()).device
         self.example_inputs: tuple[Tensor, ...] = tuple(x.to(device) for x in as_tuple(example_inputs))
-        self.graph = trace(self.model, self.example_inputs, leaf_modules=tuple(leaf_modules),
-                           round_to=self.config.round_to)
+        self.graph = trace(
+            self.model, self.example_inputs, leaf_modules=tuple(leaf_modules), round_to=self.config.round_to
+        )
         reasons = {g.id: self._skip_reason(g) for g in self.graph.groups}
         reasons.update(self._surgery_failures([g for g in self.graph.groups if reasons[g.id] is None]))
         self.groups: list[ChannelGroup] = [g for g in self.graph.groups if reasons[g.id] is None]
@@ -163,7 +165,8 @@ class ResRep:
             raise ValueError(
                 f"ResRep found no prunable channel group with mode={self.config.mode!r} "
                 f"(why, per group id: {dict(list(self.skipped.items())[:8])}); "
-                "use mode='residual' or a model with prunable convs")
+                "use mode='residual' or a model with prunable convs"
+            )
         slices: dict[str, list[tuple[int, Tensor, Tensor]]] = {}
         norms: dict[str, str | None] = {}
         for group in self.groups:
@@ -182,8 +185,9 @@ class ResRep:
         self.masks: dict[int, Tensor] = {g.id: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         # budget recipe: the iteration that masked each channel (-1: kept) and the Taylor score averages
         self.masked_at: dict[int, Tensor] = {g.id: torch.full((g.size,), -1, dtype=torch.long) for g in self.groups}
-        self.taylor: dict[int, Tensor] = {g.id: torch.zeros(g.size, dtype=torch.float64, device=device)
-                                          for g in self.groups}
+        self.taylor: dict[int, Tensor] = {
+            g.id: torch.zeros(g.size, dtype=torch.float64, device=device) for g in self.groups
+        }
         single = {g.id for g in self.groups if len(g.producers) == 1}
         self._lasso_rows = {s.module: self._rows_of(s, {gid: gid in single for gid in self.masks}) for s in self.sites}
         self.iteration = -1
@@ -195,7 +199,8 @@ class ResRep:
                 f"flops_target={self.config.flops_target} is out of reach: with every candidate group at its "
                 f"minimum width the model still has {floor / self.base_macs:.3f} of its {self.base_macs} MACs "
                 f"(mode={self.config.mode!r}); raise flops_target"
-                + (" or use mode='residual'" if self.config.mode == "paper" else ""))
+                + (" or use mode='residual'" if self.config.mode == "paper" else "")
+            )
 
     # ------------------------------------------------------------------ structure
     def _skip_reason(self, group: ChannelGroup) -> str | None:
@@ -209,9 +214,11 @@ class ResRep:
         for p in group.producers:
             layer = self.model.get_submodule(p.module)
             if type(layer) is not nn.Conv2d or layer.groups != 1:
-                return (f"producer {p.module} is a {type(layer).__name__}"
-                        f"{f' with groups={layer.groups}' if isinstance(layer, nn.Conv2d) else ''}; a dense 1x1 "
-                        "compactor only merges into a plain Conv2d without keeping a grouped conv grouped")
+                return (
+                    f"producer {p.module} is a {type(layer).__name__}"
+                    f"{f' with groups={layer.groups}' if isinstance(layer, nn.Conv2d) else ''}; a dense 1x1 "
+                    "compactor only merges into a plain Conv2d without keeping a grouped conv grouped"
+                )
         return None
 
     def _surgery_failures(self, groups: list[ChannelGroup]) -> dict[int, str]:
@@ -219,6 +226,7 @@ class ResRep:
         model's code), found before any training by a dry run that keeps a different fraction (30-70%)
         of every group, so that coupled sizes cannot match by coincidence; each failing group is
         skipped with the reason and a warning, so the conversion cannot fail after training."""
+
         def keep_count(g: ChannelGroup) -> int:
             fraction = 0.3 + 0.4 * ((g.id * 0.6180339887) % 1.0)
             return max(self._min_keep(g), int(g.size * fraction) // g.multiple * g.multiple)
@@ -242,15 +250,24 @@ class ResRep:
                 return
             found = len(failures)
             bisect(subset[: len(subset) // 2])
-            bisect(subset[len(subset) // 2:])
+            bisect(subset[len(subset) // 2 :])
             if len(failures) == found:  # only the combination fails: keep the whole subset unpruned
-                failures.update({g.id: f"reparam.graph.prune cannot remove these channels together with "
-                                       f"groups {[h.id for h in subset]}: {why}" for g in subset})
+                failures.update(
+                    {
+                        g.id: f"reparam.graph.prune cannot remove these channels together with "
+                        f"groups {[h.id for h in subset]}: {why}"
+                        for g in subset
+                    }
+                )
 
         bisect(groups)
         if failures:
-            warnings.warn(f"ResRep leaves {len(failures)} channel group(s) at full width because the pruned "
-                          f"program would not run: {next(iter(failures.values()))}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"ResRep leaves {len(failures)} channel group(s) at full width because the pruned "
+                f"program would not run: {next(iter(failures.values()))}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return failures
 
     def _min_keep(self, group: ChannelGroup) -> int:
@@ -291,6 +308,7 @@ class ResRep:
     def _channels_to_mask(self) -> int:
         """Channels to mask for the target when every group keeps the same fraction of its channels (the
         largest such fraction that meets it, by bisection): the length of the paper recipe's timeline."""
+
         def widths(f: float) -> dict[int, int]:
             return {g.id: max(self._min_keep(g), math.ceil(f * g.size)) for g in self.groups}
 
@@ -349,14 +367,19 @@ class ResRep:
                     kind = "bias"
                 elif isinstance(module, _NORMS):
                     kind = "norm"
-                elif isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels:
+                elif (
+                    isinstance(module, nn.modules.conv._ConvNd)
+                    and module.groups > 1
+                    and module.groups == module.in_channels
+                ):
                     kind = "depthwise"
                 else:
                     kind = "weight"
                 buckets[kind].append(param)
         return [
             {"params": params, "lr": spec[k][0], "momentum": spec[k][1], "weight_decay": spec[k][2], "name": k}
-            for k, params in buckets.items() if params
+            for k, params in buckets.items()
+            if params
         ]
 
     # ------------------------------------------------------------------ training hooks
@@ -522,8 +545,10 @@ class ResRep:
         sizes = {g.id: g.size for g in self.groups}
         got = {int(k): int(v.numel()) for k, v in masks.items()}
         if got != sizes:
-            raise ValueError(f"masks do not fit this model: got {{group id: size}} {got}, expected {sizes} "
-                             "(another architecture or mode?)")
+            raise ValueError(
+                f"masks do not fit this model: got {{group id: size}} {got}, expected {sizes} "
+                "(another architecture or mode?)"
+            )
         new = {int(gid): m.detach().to("cpu", torch.bool).clone() for gid, m in masks.items()}
         newly = {gid: self.masks[gid] & ~m for gid, m in new.items()}
         for gid, m in new.items():
@@ -554,16 +579,21 @@ class ResRep:
         c, plan = self.config, self.plan
         kept = macs / self.base_macs
         if plan.recipe == "paper":
-            remedy = (f"the paper recipe masks at most {c.begin_granularity} channels every {c.mask_interval} "
-                      f"iterations after {c.mask_start(self.iters_per_epoch)} iterations of lasso; train longer, "
-                      "use recipe='budget' (or 'auto'), or raise begin_granularity / lower before_mask_iters")
+            remedy = (
+                f"the paper recipe masks at most {c.begin_granularity} channels every {c.mask_interval} "
+                f"iterations after {c.mask_start(self.iters_per_epoch)} iterations of lasso; train longer, "
+                "use recipe='budget' (or 'auto'), or raise begin_granularity / lower before_mask_iters"
+            )
         else:
-            remedy = (f"the budget recipe meets the target at its last mask round (iteration {plan.mask_end}); "
-                      f"the run stopped after iteration {self.iteration} of {plan.total_iters}: train all of it")
+            remedy = (
+                f"the budget recipe meets the target at its last mask round (iteration {plan.mask_end}); "
+                f"the run stopped after iteration {self.iteration} of {plan.total_iters}: train all of it"
+            )
         raise TargetMissedError(
             f"ResRep ended at {kept:.4f} of the MACs ({macs:,} of {self.base_macs:,}), above flops_target="
             f"{c.flops_target} by {kept - c.flops_target:.4f} ({macs - self.target_macs:,.0f} MACs; recipe "
-            f"{plan.recipe!r}, {self.iteration + 1} iterations): {remedy}")
+            f"{plan.recipe!r}, {self.iteration + 1} iterations): {remedy}"
+        )
 
     # ------------------------------------------------------------------ accounting
     def group_widths(self) -> dict[int, int]:
@@ -593,10 +623,12 @@ class ResRep:
         """Masks (bool tensors keyed by group id as text), the iteration that masked each channel, the
         Taylor score averages and the last iteration (weights_only-loadable). Compactor weights live in
         ``rr.model.state_dict()``."""
-        return {"masks": {str(k): v.clone() for k, v in self.masks.items()},
-                "masked_at": {str(k): v.clone() for k, v in self.masked_at.items()},
-                "taylor": {str(k): v.detach().cpu().clone() for k, v in self.taylor.items()},
-                "iteration": self.iteration}
+        return {
+            "masks": {str(k): v.clone() for k, v in self.masks.items()},
+            "masked_at": {str(k): v.clone() for k, v in self.masked_at.items()},
+            "taylor": {str(k): v.detach().cpu().clone() for k, v in self.taylor.items()},
+            "iteration": self.iteration,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict` output; ValueError when its masks belong to another model."""

@@ -4,6 +4,7 @@
 CIFAR ResNet files (``{'state_dict': ..., 'best_prec1': ...}`` with ``module.``-prefixed keys, saved on
 CUDA) and refuses, naming the keys, when the architecture does not match.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,8 +22,16 @@ from .checkpoint import CheckpointError, load_file
 from .convert import biased_like
 
 __all__ = [
-    "ModelConfig", "ModelError", "CifarResNet", "DigitsResNet", "build_model", "load_weights",
-    "unwrap_state_dict", "load_state_dict_checked", "deploy_shell", "CIFAR_DEPTHS",
+    "ModelConfig",
+    "ModelError",
+    "CifarResNet",
+    "DigitsResNet",
+    "build_model",
+    "load_weights",
+    "unwrap_state_dict",
+    "load_state_dict_checked",
+    "deploy_shell",
+    "CIFAR_DEPTHS",
 ]
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
@@ -168,8 +177,10 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int = 3) -> 
         if cfg.tv_weights:
             model = torchvision.models.get_model(name, weights=cfg.tv_weights)
             if num_classes != getattr(model, "num_classes", num_classes):
-                raise ModelError(f"{name} weights {cfg.tv_weights} have a fixed head; drop tv_weights "
-                                 f"or use num_classes matching the weights")
+                raise ModelError(
+                    f"{name} weights {cfg.tv_weights} have a fixed head; drop tv_weights "
+                    f"or use num_classes matching the weights"
+                )
             return model
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if ":" in arch:
@@ -177,7 +188,9 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int = 3) -> 
         if not isinstance(model, nn.Module):
             raise ModelError(f"{arch!r} returned {type(model).__name__}, not an nn.Module")
         return model
-    raise ModelError(f"unknown arch {arch!r}: use resnet20/32/44/56/110, digits_resnet, tv:<name> or pkg.module:callable")
+    raise ModelError(
+        f"unknown arch {arch!r}: use resnet20/32/44/56/110, digits_resnet, tv:<name> or pkg.module:callable"
+    )
 
 
 def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
@@ -189,8 +202,9 @@ def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError("checkpoint holds no state_dict (expected a dict of tensors, "
-                              "or one under 'state_dict' / 'model')")
+        raise CheckpointError(
+            "checkpoint holds no state_dict (expected a dict of tensors, or one under 'state_dict' / 'model')"
+        )
     return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
@@ -202,15 +216,26 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], so
     sd = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in sd}, **sd}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
+
         def head(xs: list[str]) -> str:
             return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
-        parts = [f"missing {head(missing)}" if missing else "", f"unexpected {head(unexpected)}" if unexpected else "",
-                 f"shape mismatch {head(shapes)}" if shapes else ""]
-        raise ModelError(f"{source} does not fit {type(model).__name__}: "
-                         + "; ".join(p for p in parts if p) + " (check --arch/--shortcut/--width)")
+
+        parts = [
+            f"missing {head(missing)}" if missing else "",
+            f"unexpected {head(unexpected)}" if unexpected else "",
+            f"shape mismatch {head(shapes)}" if shapes else "",
+        ]
+        raise ModelError(
+            f"{source} does not fit {type(model).__name__}: "
+            + "; ".join(p for p in parts if p)
+            + " (check --arch/--shortcut/--width)"
+        )
     model.load_state_dict(sd)
     return model
 
@@ -234,8 +259,18 @@ def _resized(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str) -> 
         return nn.Linear(w.shape[1], w.shape[0], bias=has_bias, **kw)
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
         groups = module.groups if module.groups == 1 else w.shape[0] // (module.out_channels // module.groups)
-        return type(module)(w.shape[1] * groups, w.shape[0], module.kernel_size, module.stride, module.padding,
-                            module.dilation, groups, has_bias, module.padding_mode, **kw)
+        return type(module)(
+            w.shape[1] * groups,
+            w.shape[0],
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            groups,
+            has_bias,
+            module.padding_mode,
+            **kw,
+        )
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return type(module)(w.shape[0], module.eps, module.momentum, module.affine, module.track_running_stats, **kw)
     raise ModelError(f"{prefix[:-1]}: cannot resize a {type(module).__name__} to the saved shapes")
@@ -257,8 +292,11 @@ def deploy_shell(model: nn.Module, state_dict: Mapping[str, torch.Tensor], plan:
         if not name or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
             continue
         prefix = name + "."
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and prefix + "weight" not in state_dict \
-                and prefix + "running_mean" not in state_dict:
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and prefix + "weight" not in state_dict
+            and prefix + "running_mean" not in state_dict
+        ):
             replacement: nn.Module = nn.Identity()
         elif prefix + "weight" not in state_dict:
             continue
@@ -268,8 +306,9 @@ def deploy_shell(model: nn.Module, state_dict: Mapping[str, torch.Tensor], plan:
             replacement = biased_like(module)
         else:
             own = dict(module.named_parameters(recurse=False))
-            same = state_dict[prefix + "weight"].shape == own["weight"].shape and \
-                ((prefix + "bias" in state_dict) == (own.get("bias") is not None))
+            same = state_dict[prefix + "weight"].shape == own["weight"].shape and (
+                (prefix + "bias" in state_dict) == (own.get("bias") is not None)
+            )
             if same:
                 continue
             replacement = _resized(module, state_dict, prefix)

@@ -1,4 +1,5 @@
 """PNG plots of a ResRep run: per-layer widths before/after, and accuracy / MACs over training."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

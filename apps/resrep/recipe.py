@@ -5,6 +5,7 @@ to which MACs goal), how strong the penalty on kept rows is, how far a masked ro
 learning-rate factor. Iterations are 0-based indices of optimizer steps; "after iteration t" is
 `ResRep.after_step(t)`.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,10 +21,20 @@ __all__ = ["Plan", "resolve", "paper_min_iters"]
 
 #: The two recipes' values for the fields a config leaves at None.
 RECIPE_DEFAULTS: dict[str, dict[str, object]] = {
-    "paper": {"bias_lr_factor": 2.0, "compactor_momentum": 0.99, "residual_lasso": True,
-              "train_residual_compactors": True, "score": "norm"},
-    "budget": {"bias_lr_factor": 1.0, "compactor_momentum": 0.9, "residual_lasso": False,
-               "train_residual_compactors": False, "score": "taylor"},
+    "paper": {
+        "bias_lr_factor": 2.0,
+        "compactor_momentum": 0.99,
+        "residual_lasso": True,
+        "train_residual_compactors": True,
+        "score": "norm",
+    },
+    "budget": {
+        "bias_lr_factor": 1.0,
+        "compactor_momentum": 0.9,
+        "residual_lasso": False,
+        "train_residual_compactors": False,
+        "score": "taylor",
+    },
 }
 
 
@@ -76,7 +87,11 @@ class Plan:
 
     def goal(self, iteration: int) -> float:
         """The kept-MACs fraction the round after ``iteration`` must reach."""
-        return self.rounds.get(iteration, self.config.flops_target) if self.recipe == "budget" else self.config.flops_target
+        return (
+            self.rounds.get(iteration, self.config.flops_target)
+            if self.recipe == "budget"
+            else self.config.flops_target
+        )
 
     def lasso(self, step: int) -> float:
         """Group-lasso strength on kept rows during ``step`` (budget: none once the masks are frozen)."""
@@ -106,18 +121,29 @@ class Plan:
 
     def describe(self) -> dict[str, object]:
         """The resolved schedule, for logs and summaries."""
-        out: dict[str, object] = {"recipe": self.recipe, "total_iters": self.total_iters,
-                                  "bias_lr_factor": self.bias_lr_factor, "compactor_momentum": self.compactor_momentum,
-                                  "residual_lasso": self.residual_lasso,
-                                  "train_residual_compactors": self.train_residual_compactors, "score": self.score}
+        out: dict[str, object] = {
+            "recipe": self.recipe,
+            "total_iters": self.total_iters,
+            "bias_lr_factor": self.bias_lr_factor,
+            "compactor_momentum": self.compactor_momentum,
+            "residual_lasso": self.residual_lasso,
+            "train_residual_compactors": self.train_residual_compactors,
+            "score": self.score,
+        }
         if self.recipe == "budget":
-            out.update(mask_start=self.mask_start, mask_end=self.mask_end, freeze=self.freeze,
-                       forget_iters=self.forget_iters, rounds=len(self.rounds))
+            out.update(
+                mask_start=self.mask_start,
+                mask_end=self.mask_end,
+                freeze=self.freeze,
+                forget_iters=self.forget_iters,
+                rounds=len(self.rounds),
+            )
         return out
 
 
-def resolve(config: ResRepConfig, total_iters: int | None, iters_per_epoch: int | None,
-            paper_iters: float | None = None) -> Plan:
+def resolve(
+    config: ResRepConfig, total_iters: int | None, iters_per_epoch: int | None, paper_iters: float | None = None
+) -> Plan:
     """The plan of ``config.recipe`` for a run of ``total_iters`` iterations.
 
     ``"auto"`` takes ``"paper"`` when ``total_iters >= config.auto_switch_iters`` or, when that is None,
@@ -126,28 +152,40 @@ def resolve(config: ResRepConfig, total_iters: int | None, iters_per_epoch: int 
     recipe = config.recipe
     if recipe == "auto":
         if total_iters is None:
-            raise ValueError("recipe='auto' chooses by the run's length: pass ResRep(..., total_iters=epochs * "
-                             "len(train_loader)), or set recipe='paper' or 'budget'")
+            raise ValueError(
+                "recipe='auto' chooses by the run's length: pass ResRep(..., total_iters=epochs * "
+                "len(train_loader)), or set recipe='paper' or 'budget'"
+            )
         if config.auto_switch_iters is not None:
             recipe = "paper" if total_iters >= config.auto_switch_iters else "budget"
         else:
-            recipe = "paper" if paper_iters is not None and config.freeze_fraction * total_iters >= paper_iters \
-                else "budget"
+            recipe = (
+                "paper" if paper_iters is not None and config.freeze_fraction * total_iters >= paper_iters else "budget"
+            )
     defaults = RECIPE_DEFAULTS[recipe]
 
     def pick(name: str):
         value = getattr(config, name)
         return defaults[name] if value is None else value
 
-    common = dict(recipe=recipe, config=config, total_iters=total_iters, iters_per_epoch=iters_per_epoch,
-                  bias_lr_factor=float(pick("bias_lr_factor")), compactor_momentum=float(pick("compactor_momentum")),
-                  residual_lasso=bool(pick("residual_lasso")),
-                  train_residual_compactors=bool(pick("train_residual_compactors")), score=pick("score"))
+    common = dict(
+        recipe=recipe,
+        config=config,
+        total_iters=total_iters,
+        iters_per_epoch=iters_per_epoch,
+        bias_lr_factor=float(pick("bias_lr_factor")),
+        compactor_momentum=float(pick("compactor_momentum")),
+        residual_lasso=bool(pick("residual_lasso")),
+        train_residual_compactors=bool(pick("train_residual_compactors")),
+        score=pick("score"),
+    )
     if recipe == "paper":
         return Plan(**common)
     if total_iters is None or total_iters < 3:
-        raise ValueError(f"recipe='budget' needs the run's length (at least 3 iterations), got total_iters="
-                         f"{total_iters!r}: pass ResRep(..., total_iters=epochs * len(train_loader))")
+        raise ValueError(
+            f"recipe='budget' needs the run's length (at least 3 iterations), got total_iters="
+            f"{total_iters!r}: pass ResRep(..., total_iters=epochs * len(train_loader))"
+        )
     start = min(int(round(config.mask_start_fraction * total_iters)), total_iters - 3)
     end = min(max(start + 1, int(round(config.mask_end_fraction * total_iters))), total_iters - 2)
     freeze = min(max(end + 1, int(round(config.freeze_fraction * total_iters))), total_iters - 1)

@@ -7,6 +7,7 @@ masks). Walking that list, a channel is masked unless its group would fall below
 skipped channels do not consume the round's budget. The walk stops when the MACs model says the
 widths meet the target, or when ``budget`` channels have been masked.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

@@ -7,6 +7,7 @@ in it. Logical channels that occur in exactly the same spaces, the same number o
 *group*: they are interchangeable, so any keep-set of `n` of them gives every space in the group
 the same size, and MACs become a polynomial in the group widths.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ class Member:
 
     `positions[k]` (an index along `dim` of `name`) holds group channel `channels[k]`; a channel may
     own several positions (e.g. the H*W columns of a linear layer after a flatten)."""
-    name: str            # parameter/buffer qualified name, or fx node name
-    kind: str            # "param", "buffer" or "node"
+
+    name: str  # parameter/buffer qualified name, or fx node name
+    kind: str  # "param", "buffer" or "node"
     dim: int
     positions: np.ndarray
     channels: np.ndarray
@@ -44,6 +46,7 @@ class Member:
 @dataclass(frozen=True, eq=False)
 class Producer:
     """A layer whose weight rows define channels of a group (`member` holds its row mapping)."""
+
     module: str
     norm: str | None
     offset: int
@@ -53,6 +56,7 @@ class Producer:
 @dataclass(eq=False)
 class ChannelGroup:
     """Channels that must be removed together; `keep` sets index `range(size)`."""
+
     id: int
     size: int
     prunable: bool
@@ -60,7 +64,7 @@ class ChannelGroup:
     min_channels: int
     multiple: int
     producers: tuple[Producer, ...]
-    _graph: "ChannelGraph" = field(repr=False)
+    _graph: ChannelGraph = field(repr=False)
     _roots: tuple[int, ...] = field(repr=False)
 
     @cached_property
@@ -74,8 +78,10 @@ class ChannelGroup:
 
     def __repr__(self) -> str:
         state = "prunable" if self.prunable else f"fixed: {self.reason}"
-        return (f"ChannelGroup(id={self.id}, size={self.size}, producers={[p.module for p in self.producers]}, "
-                f"multiple={self.multiple}, {state})")
+        return (
+            f"ChannelGroup(id={self.id}, size={self.size}, producers={[p.module for p in self.producers]}, "
+            f"multiple={self.multiple}, {state})"
+        )
 
 
 # where a functional batch norm takes its weight: (position, keyword)
@@ -85,8 +91,15 @@ _BN_WEIGHT_ARG = {torch.nn.functional.batch_norm: (3, "weight"), torch.ops.aten.
 class ChannelGraph:
     """A traced model: `nx` (the program), `groups` (coupled channels), `macs()` / `params()`."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, example_inputs: tuple, round_to: int = 1,
-                 leaf_modules: tuple = (), modules: dict[str, nn.Module] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: fx.Graph,
+        example_inputs: tuple,
+        round_to: int = 1,
+        leaf_modules: tuple = (),
+        modules: dict[str, nn.Module] | None = None,
+    ) -> None:
         self.model = model
         self.graph = graph
         self.leaf_modules = leaf_modules
@@ -106,10 +119,10 @@ class ChannelGraph:
         uniq = np.unique(roots)
         slot = np.full(len(s.keys), -1, dtype=np.int64)
         slot[uniq] = np.arange(len(uniq))
-        self._space_root = slot[roots]                            # space id -> root slot
+        self._space_root = slot[roots]  # space id -> root slot
         sizes = np.asarray(s.size, dtype=np.int64)[uniq]
         self._root_size = sizes
-        self._base = np.concatenate([[0], np.cumsum(sizes)])      # root slot -> first element id
+        self._base = np.concatenate([[0], np.cumsum(sizes)])  # root slot -> first element id
         n_elem = int(self._base[-1])
         if s.links:
             src = np.concatenate([self._base[self._space_root[a]] + ia for a, ia, _, _ in s.links])
@@ -120,17 +133,19 @@ class ChannelGraph:
             n_comp, comp = n_elem, np.arange(n_elem)
         self._comp = comp
         self._n_comp = n_comp
-        self._elem_root = np.repeat(np.arange(len(uniq)), sizes)   # element -> root slot
+        self._elem_root = np.repeat(np.arange(len(uniq)), sizes)  # element -> root slot
 
     def _build_groups(self, c: Coupler) -> None:
         s, comp, n_comp = c.s, self._comp, self._n_comp
         # signature of a logical channel: the multiset of root spaces holding it, as a sum of random
         # 64-bit keys (wrapping); two different multisets collide with probability ~2^-64
         rng = np.random.default_rng(0)
-        keys = rng.integers(0, 2**63, size=len(self._root_size), dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+        keys = rng.integers(0, 2**63, size=len(self._root_size), dtype=np.int64).astype(np.uint64) * np.uint64(
+            2
+        ) + np.uint64(1)
         sig = np.zeros(n_comp, dtype=np.uint64)
         np.add.at(sig, comp, keys[self._elem_root])
-        comp_first = np.full(n_comp, len(comp), dtype=np.int64)   # first element of each channel
+        comp_first = np.full(n_comp, len(comp), dtype=np.int64)  # first element of each channel
         np.minimum.at(comp_first, comp, np.arange(len(comp)))
         _, raw_group = np.unique(sig, return_inverse=True)
         raw_group = raw_group.reshape(-1)
@@ -179,7 +194,7 @@ class ChannelGraph:
         for sid, reason in s.poison.items():
             poison_root.setdefault(int(self._space_root[sid]), reason)
         prod_by_group: dict[int, list[Producer]] = {}
-        multiple: dict[int, int] = {}      # keep counts in producer rows must be multiples of round_to
+        multiple: dict[int, int] = {}  # keep counts in producer rows must be multiples of round_to
         node_users = {n.name: n for n in self.graph.nodes}
         for rec in c.producers:
             root = int(self._space_root[rec.space])
@@ -188,10 +203,12 @@ class ChannelGraph:
                 member = self._member_of_space(rec.space, g)
                 if member is not None:
                     prod_by_group.setdefault(g, []).append(
-                        Producer(rec.module, norm, int(member.channels.min()), member))
+                        Producer(rec.module, norm, int(member.channels.min()), member)
+                    )
                     rows_per_channel = self._mult(root, g)
-                    multiple[g] = math.lcm(multiple.get(g, 1),
-                                           self.round_to // math.gcd(self.round_to, rows_per_channel))
+                    multiple[g] = math.lcm(
+                        multiple.get(g, 1), self.round_to // math.gcd(self.round_to, rows_per_channel)
+                    )
         groups: list[ChannelGroup] = []
         for g in range(self._n_listed):
             roots = tuple(roots_of_group.get(g, ()))
@@ -201,8 +218,7 @@ class ChannelGraph:
                 reason = "no convolution or linear layer produces these channels"
             mult = multiple.get(g, 1)
             size = int(counts[g])
-            groups.append(ChannelGroup(g, size, reason is None, reason, min(mult, size), mult,
-                                       producers, self, roots))
+            groups.append(ChannelGroup(g, size, reason is None, reason, min(mult, size), mult, producers, self, roots))
         self.groups: list[ChannelGroup] = groups
 
     def _sole_bn(self, node: fx.Node) -> str | None:
@@ -281,8 +297,9 @@ class ChannelGraph:
             width = max((len(r) for r in rows), default=1)
             out = np.full((len(rows), max(width, 1)), self._one, dtype=np.int64)
             for i, r in enumerate(rows):
-                out[i, :len(r)] = self._space_root[list(r)] if r else []
+                out[i, : len(r)] = self._space_root[list(r)] if r else []
             return out
+
         self._opaque_macs = {n.name: int(n.meta["opaque_macs"]) for n in self.graph.nodes if n.meta.get("opaque_macs")}
         self._macs_nodes = [t.node for t in c.macs_terms]
         self._macs_factors = pack([t.factors for t in c.macs_terms])
@@ -318,10 +335,14 @@ class ChannelGraph:
         modules = self.coupler.modules
         for n in self.graph.nodes:
             shapes = [tuple(m.shape) if m is not None else None for m in tensor_metas(n)]
-            g.add_node(n.name, op=n.op, target=str(n.target) if n.op != "call_function" else
-                       getattr(n.target, "__name__", str(n.target)),
-                       module=n.target if n.op == "call_module" else None,
-                       kind=describe(n, modules) if n.op.startswith("call") else n.op, shapes=shapes)
+            g.add_node(
+                n.name,
+                op=n.op,
+                target=str(n.target) if n.op != "call_function" else getattr(n.target, "__name__", str(n.target)),
+                module=n.target if n.op == "call_module" else None,
+                kind=describe(n, modules) if n.op.startswith("call") else n.op,
+                shapes=shapes,
+            )
             for a in n.all_input_nodes:
                 g.add_edge(a.name, n.name)
         return g
@@ -359,7 +380,9 @@ class ChannelGraph:
         return w
 
     def _root_sizes(self, w: np.ndarray) -> np.ndarray:
-        sizes = np.bincount(self._rg_root, weights=self._rg_mult * w[self._rg_group], minlength=len(self._root_size) + 1)
+        sizes = np.bincount(
+            self._rg_root, weights=self._rg_mult * w[self._rg_group], minlength=len(self._root_size) + 1
+        )
         sizes[self._one] = 1.0
         return sizes
 
@@ -391,12 +414,12 @@ class ChannelGraph:
             g = self.groups[int(gid.id if isinstance(gid, ChannelGroup) else gid)]
             sel = np.zeros(g.size, dtype=bool)
             sel[np.asarray(list(idx), dtype=np.int64)] = True
-            flags[self._group_offset[g.id]:self._group_offset[g.id] + g.size] = sel
+            flags[self._group_offset[g.id] : self._group_offset[g.id] + g.size] = sel
         return flags[self._group_offset[self._elem_group] + self._elem_lidx]
 
     def space_mask(self, elem_keep: np.ndarray, sid: int) -> np.ndarray:
         root = int(self._space_root[sid])
-        return elem_keep[self._base[root]:self._base[root + 1]]
+        return elem_keep[self._base[root] : self._base[root + 1]]
 
     def __repr__(self) -> str:
         n = sum(g.prunable for g in self.groups)
@@ -406,9 +429,15 @@ class ChannelGraph:
 Frontend = Literal["auto", "fx", "export"]
 
 
-def trace(model: nn.Module, example_inputs: torch.Tensor | tuple | list, *, leaf_modules: Iterable[LeafSpec] = (),
-          round_to: int = 1, concrete_args: Mapping[str, Any] | None = None,
-          frontend: Frontend = "auto") -> ChannelGraph:
+def trace(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple | list,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    round_to: int = 1,
+    concrete_args: Mapping[str, Any] | None = None,
+    frontend: Frontend = "auto",
+) -> ChannelGraph:
     """Trace `model`, propagate shapes from `example_inputs` and find its channel groups.
 
     `frontend`: ``"fx"`` traces with torch.fx (module-level nodes, `leaf_modules`, `concrete_args`);
@@ -423,8 +452,10 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | tuple | list, *, leaf
     inputs = as_tuple(example_inputs)
     leaf_modules = tuple(leaf_modules)
     if frontend == "export" and (leaf_modules or concrete_args):
-        raise GraphTraceError("frontend='export' flattens every module, so leaf_modules and concrete_args do not "
-                              "apply; use frontend='fx' for them")
+        raise GraphTraceError(
+            "frontend='export' flattens every module, so leaf_modules and concrete_args do not "
+            "apply; use frontend='fx' for them"
+        )
     if frontend == "export":
         graph = export_graph(model, inputs)
     else:

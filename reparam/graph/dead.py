@@ -6,6 +6,7 @@ receives the same constant contribution `sum_k W[o, c, k] * f(beta_c)`, which mo
 consumer's bias. A padded consumer sees zeros at the borders instead, so the channel is not constant
 there and folding is refused, as it is for groups fed by several producers or by training-mode BN.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,9 @@ from .tracing import as_tuple
 
 @dataclass(frozen=True)
 class DeadChannelReport:
-    model: nn.Module                  # pruned copy with the constants folded into consumer biases
-    removed: dict[int, list[int]]     # group id -> removed (dead) channels
-    refused: dict[int, str]           # group id -> why its dead channels were kept
+    model: nn.Module  # pruned copy with the constants folded into consumer biases
+    removed: dict[int, list[int]]  # group id -> removed (dead) channels
+    refused: dict[int, str]  # group id -> why its dead channels were kept
 
 
 def _foldable(m: nn.Module) -> bool:
@@ -66,18 +67,25 @@ def _consumers(graph: ChannelGraph, bn_node: fx.Node, beta: torch.Tensor) -> lis
                 if calls[user.target] > 1:
                     return f"consumer '{user.target}' is called more than once, so one bias cannot hold the constant"
                 out.append((user.target, value))
-            elif user.op != "output" and lookup_rule(user, modules) is rule_unary and len(graph.coupler.tensor_inputs(user)) == 1:
+            elif (
+                user.op != "output"
+                and lookup_rule(user, modules) is rule_unary
+                and len(graph.coupler.tensor_inputs(user)) == 1
+            ):
                 with torch.no_grad():
                     todo.append((user, _apply_unary(user, value, modules)))
             else:
                 what = "the model output" if user.op == "output" else describe(user, modules)
-                return (f"the constant reaches {what} at node '{user.name}', where it is not a bias "
-                        f"(only elementwise ops into linear layers or unpadded convolutions fold exactly)")
+                return (
+                    f"the constant reaches {what} at node '{user.name}', where it is not a bias "
+                    f"(only elementwise ops into linear layers or unpadded convolutions fold exactly)"
+                )
     return out
 
 
-def fold_dead_channels(model: nn.Module, example_inputs: torch.Tensor | Sequence, *,
-                       graph: ChannelGraph | None = None) -> DeadChannelReport:
+def fold_dead_channels(
+    model: nn.Module, example_inputs: torch.Tensor | Sequence, *, graph: ChannelGraph | None = None
+) -> DeadChannelReport:
     """Remove every BatchNorm-silenced (gamma == 0) channel whose constant output can be folded exactly
     into its consumers' biases; report the groups where it cannot."""
     inputs = as_tuple(example_inputs)
@@ -117,8 +125,14 @@ def _dead_channels(grp: ChannelGroup, modules: dict[str, nn.Module]) -> np.ndarr
     return np.asarray(sorted(dead), dtype=np.int64)
 
 
-def _fold_group(g: ChannelGraph, grp: ChannelGroup, dead: np.ndarray, nodes: dict[str, fx.Node],
-                modules: dict[str, nn.Module], work: nn.Module) -> str | None:
+def _fold_group(
+    g: ChannelGraph,
+    grp: ChannelGroup,
+    dead: np.ndarray,
+    nodes: dict[str, fx.Node],
+    modules: dict[str, nn.Module],
+    work: nn.Module,
+) -> str | None:
     if len(grp.producers) > 1:
         return "several producers feed this group, so constants meet other values in an add"
     keep_n = grp.size - len(dead)
@@ -139,7 +153,7 @@ def _fold_group(g: ChannelGraph, grp: ChannelGroup, dead: np.ndarray, nodes: dic
     with torch.no_grad():
         for name, value in found:
             m = work.get_submodule(name)
-            v = (value.reshape(-1) * is_dead).to(m.weight.dtype)   # live channels stay inputs
+            v = (value.reshape(-1) * is_dead).to(m.weight.dtype)  # live channels stay inputs
             geometry = None if isinstance(m, nn.Linear) else ConvGeometry.from_module(m)
             bias = propagate_bias(m.weight.detach(), None if m.bias is None else m.bias.detach(), v, geometry)
             m.bias = nn.Parameter(bias)

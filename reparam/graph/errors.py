@@ -1,4 +1,5 @@
 """Errors raised by `reparam.graph`; both are `ValueError`s that name the op and what to change."""
+
 from __future__ import annotations
 
 

@@ -7,6 +7,7 @@ qualified names, so they are members of channel groups exactly as in a torch.fx 
 on the original model (surgery slices the model's tensors; the pruned model is a `torch.fx.GraphModule`
 of ATen ops).
 """
+
 from __future__ import annotations
 
 import io
@@ -51,12 +52,17 @@ def export_graph(model: nn.Module, example_inputs: tuple) -> fx.Graph:
         with _quiet_export():
             program = torch.export.export(model, example_inputs, strict=False)
     except Exception as exc:
-        raise GraphTraceError(f"torch.export could not capture the model: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise GraphTraceError(
+            f"torch.export could not capture the model: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
     sig = program.graph_signature
     if sig.buffers_to_mutate or sig.inputs_to_lifted_tensor_constants:
-        what = "mutates buffers " + str(sorted(sig.buffers_to_mutate.values())) if sig.buffers_to_mutate else \
-            "holds tensor constants " + str(sorted(sig.inputs_to_lifted_tensor_constants.values()))
+        what = (
+            "mutates buffers " + str(sorted(sig.buffers_to_mutate.values()))
+            if sig.buffers_to_mutate
+            else "holds tensor constants " + str(sorted(sig.inputs_to_lifted_tensor_constants.values()))
+        )
         raise GraphTraceError(f"the exported program {what}; put the model in eval mode or use frontend='fx'")
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     graph = fx.Graph()

@@ -3,6 +3,7 @@
 MACs count one multiply-accumulate per weight use in conv / linear / matmul / einsum / attention
 (what `torch.utils.flop_counter` reports as FLOPs = 2 x MACs); papers usually call MACs "FLOPs".
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -25,11 +26,15 @@ class NodeCost:
 class FlopsReport:
     total_macs: int
     total_params: int
-    per_node: dict[str, NodeCost]   # fx node name -> its MACs and the parameters it owns (first use)
+    per_node: dict[str, NodeCost]  # fx node name -> its MACs and the parameters it owns (first use)
 
 
-def flops(model: nn.Module | ChannelGraph, example_inputs: torch.Tensor | tuple | list | None = None, *,
-          leaf_modules: Iterable[LeafSpec] = ()) -> FlopsReport:
+def flops(
+    model: nn.Module | ChannelGraph,
+    example_inputs: torch.Tensor | tuple | list | None = None,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+) -> FlopsReport:
     """MACs and parameters of `model` on `example_inputs` (or of an already traced `ChannelGraph`)."""
     g = model if isinstance(model, ChannelGraph) else trace(model, example_inputs, leaf_modules=leaf_modules)
     macs = g.node_macs()
@@ -47,6 +52,9 @@ def flops(model: nn.Module | ChannelGraph, example_inputs: torch.Tensor | tuple 
         seen.update(fresh)
         if fresh:
             owned[node.name] = sum(params[n].numel() for n in fresh)
-    per_node = {n.name: NodeCost(macs.get(n.name, 0), owned.get(n.name, 0)) for n in g.graph.nodes
-                if n.name in macs or n.name in owned}
+    per_node = {
+        n.name: NodeCost(macs.get(n.name, 0), owned.get(n.name, 0))
+        for n in g.graph.nodes
+        if n.name in macs or n.name in owned
+    }
     return FlopsReport(g.macs(), g.params(), per_node)

@@ -5,6 +5,7 @@ per pruning stage (a pruned model can be pruned again). It also fingerprints the
 planned on, so a plan applied to another architecture is refused. `reparam.graph.saved` writes and
 rebuilds pruned models from it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,14 +23,14 @@ PLAN_FILE, WEIGHTS_FILE = "plan.json", "weights.pt"
 @dataclass(frozen=True)
 class Stage:
     keep: dict[int, list[int]]
-    fingerprint: list[list]          # [group id, size, producer modules] of the prunable groups planned on
+    fingerprint: list[list]  # [group id, size, producer modules] of the prunable groups planned on
 
 
 @dataclass(frozen=True)
 class PrunePlan:
     input_shapes: list[list[int]]
     input_dtypes: list[str]
-    leaf_modules: list[str] = field(default_factory=list)   # qualified names, or "module:Class" for classes
+    leaf_modules: list[str] = field(default_factory=list)  # qualified names, or "module:Class" for classes
     round_to: int = 1
     stages: list[Stage] = field(default_factory=list)
 
@@ -37,7 +38,7 @@ class PrunePlan:
         return json.dumps({"format": PLAN_FORMAT, **asdict(self)}, indent=1)
 
     @staticmethod
-    def from_json(text: str) -> "PrunePlan":
+    def from_json(text: str) -> PrunePlan:
         raw = json.loads(text)
         if raw.pop("format", None) != PLAN_FORMAT:
             raise PruneError(f"not a {PLAN_FORMAT} channel plan")
@@ -58,11 +59,16 @@ def next_plan(graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> PrunePl
     before = getattr(graph.model, "meta", {}).get("reparam.plan") if hasattr(graph.model, "meta") else None
     stage = Stage({int(k): sorted(int(i) for i in v) for k, v in keep.items()}, fingerprint(graph))
     if before is not None:
-        return PrunePlan(before.input_shapes, before.input_dtypes, before.leaf_modules, before.round_to,
-                         [*before.stages, stage])
-    return PrunePlan([list(t.shape) for t in graph.example_inputs], [str(t.dtype).removeprefix("torch.")
-                                                                      for t in graph.example_inputs],
-                     leaf_spec_names(graph.leaf_modules), graph.round_to, [stage])
+        return PrunePlan(
+            before.input_shapes, before.input_dtypes, before.leaf_modules, before.round_to, [*before.stages, stage]
+        )
+    return PrunePlan(
+        [list(t.shape) for t in graph.example_inputs],
+        [str(t.dtype).removeprefix("torch.") for t in graph.example_inputs],
+        leaf_spec_names(graph.leaf_modules),
+        graph.round_to,
+        [stage],
+    )
 
 
 def leaf_specs(names: Sequence[str]) -> tuple:

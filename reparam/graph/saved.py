@@ -5,30 +5,21 @@ and dtypes to trace with, the trace options, and one keep-set per pruning stage 
 be pruned again). It also fingerprints the groups each stage was planned on, so a plan applied to
 the wrong architecture is refused instead of producing a different model.
 """
+
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from reparam.atomic import atomic_save, atomic_write_text
+
 from .channel_graph import trace
 from .errors import PruneError
 from .plan import PLAN_FILE, WEIGHTS_FILE, PrunePlan, fingerprint, leaf_specs
 from .surgery import prune
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def save_pruned(model_pruned: nn.Module, path_or_dir: str | os.PathLike, plan: PrunePlan | None = None) -> Path:
@@ -39,8 +30,8 @@ def save_pruned(model_pruned: nn.Module, path_or_dir: str | os.PathLike, plan: P
     d = Path(path_or_dir)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone() for k, v in model_pruned.state_dict().items()}
-    _atomic_write(d / WEIGHTS_FILE, lambda f: torch.save(state, f))
-    _atomic_write(d / PLAN_FILE, lambda f: f.write(plan.to_json().encode()))
+    atomic_save(state, d / WEIGHTS_FILE)
+    atomic_write_text(plan.to_json(), d / PLAN_FILE)
     return d
 
 
@@ -50,14 +41,17 @@ def apply_plan(constructor_model: nn.Module, plan: PrunePlan, source: str = "the
     architecture is refused (its group fingerprints do not match)."""
     ref = next(iter(constructor_model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
-    inputs = tuple(torch.zeros(s, dtype=getattr(torch, dt), device=device)
-                   for s, dt in zip(plan.input_shapes, plan.input_dtypes))
+    inputs = tuple(
+        torch.zeros(s, dtype=getattr(torch, dt), device=device) for s, dt in zip(plan.input_shapes, plan.input_dtypes)
+    )
     model: nn.Module = constructor_model
     for i, stage in enumerate(plan.stages):
         graph = trace(model, inputs, leaf_modules=leaf_specs(plan.leaf_modules), round_to=plan.round_to)
         if fingerprint(graph) != stage.fingerprint:
-            raise PruneError(f"{source} (stage {i}) was made for a different architecture: "
-                             f"its channel groups do not match this model's")
+            raise PruneError(
+                f"{source} (stage {i}) was made for a different architecture: "
+                f"its channel groups do not match this model's"
+            )
         model = prune(model, inputs, stage.keep, graph=graph)
     return model
 

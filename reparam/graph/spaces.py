@@ -7,6 +7,7 @@ same order (elementwise ops, BN, permutes, ...) and is kept in a union-find over
 connected components. A space can be *poisoned* with the reason its size may not change; single
 elements are poisoned through a synthetic space (key `"#fixed"`) linked to them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from .errors import GraphTraceError
 
 SpaceKey = tuple[str, int, int]  # (tensor key, output index, dim); parameters use key "@<qualified name>",
-                                 # synthetic spaces of `poison_elements` key "#fixed"
+# synthetic spaces of `poison_elements` key "#fixed"
 
 
 class SpaceSet:
@@ -55,8 +56,10 @@ class SpaceSet:
         if ra == rb:
             return
         if self.size[ra] != self.size[rb]:
-            raise GraphTraceError(f"at {where}: cannot couple {self.keys[a]} (size {self.size[a]}) "
-                                  f"with {self.keys[b]} (size {self.size[b]})")
+            raise GraphTraceError(
+                f"at {where}: cannot couple {self.keys[a]} (size {self.size[a]}) "
+                f"with {self.keys[b]} (size {self.size[b]})"
+            )
         if rb < ra:
             ra, rb = rb, ra
         self.parent[rb] = ra

@@ -5,6 +5,7 @@ Every parameter/buffer dim in a group is sliced with the same element keep-mask,
 (view/reshape/expand sizes, split sizes, slice bounds, layer-norm shapes) are rewritten. The result is
 checked by re-running shape propagation: every node must have exactly the predicted shape.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,11 +44,14 @@ def validate_keep(graph: ChannelGraph, keep: Keep) -> dict[int, np.ndarray]:
         if len(sel) and (sel[0] < 0 or sel[-1] >= g.size):
             raise PruneError(f"group {gid} ({_who(g)}): keep indices must lie in [0, {g.size})")
         if len(sel) < max(g.min_channels, 1):
-            raise PruneError(f"group {gid} ({_who(g)}): keeping {len(sel)} channels, at least "
-                             f"{max(g.min_channels, 1)} required")
+            raise PruneError(
+                f"group {gid} ({_who(g)}): keeping {len(sel)} channels, at least {max(g.min_channels, 1)} required"
+            )
         if len(sel) % g.multiple:
-            raise PruneError(f"group {gid} ({_who(g)}): keeping {len(sel)} channels, but the count must be "
-                             f"a multiple of {g.multiple} (round_to={graph.round_to} and grouped layers)")
+            raise PruneError(
+                f"group {gid} ({_who(g)}): keeping {len(sel)} channels, but the count must be "
+                f"a multiple of {g.multiple} (round_to={graph.round_to} and grouped layers)"
+            )
         out[gid] = sel
     return out
 
@@ -56,8 +60,9 @@ def _who(g: ChannelGroup) -> str:
     return "producers " + ", ".join(p.module for p in g.producers) if g.producers else f"size {g.size}"
 
 
-def prune(model: nn.Module, example_inputs: torch.Tensor | tuple | list, keep: Keep, *,
-          graph: ChannelGraph | None = None) -> fx.GraphModule:
+def prune(
+    model: nn.Module, example_inputs: torch.Tensor | tuple | list, keep: Keep, *, graph: ChannelGraph | None = None
+) -> fx.GraphModule:
     """A pruned copy of `model` (the original is untouched) as a `torch.fx.GraphModule` with the same
     module names: group `id` keeps channels `keep[id]` (indices into `range(group.size)`, any order);
     groups not in `keep` are unchanged. Raises `PruneError` for a keep-set that breaks a constraint."""
@@ -103,8 +108,10 @@ def _verify_shapes(g: ChannelGraph, new: fx.GraphModule, inputs: tuple, kept: An
     try:
         propagate_shapes(new, new.graph, inputs)
     except Exception as exc:
-        raise PruneError(f"the pruned program does not run: {exc}. A size is hard-coded where the graph "
-                         f"could not rewrite it; trace with leaf_modules=... around that code") from exc
+        raise PruneError(
+            f"the pruned program does not run: {exc}. A size is hard-coded where the graph "
+            f"could not rewrite it; trace with leaf_modules=... around that code"
+        ) from exc
     modules = dict(new.named_modules())
     for n in new.graph.nodes:
         if n.op in ("output", "get_attr"):
@@ -115,6 +122,8 @@ def _verify_shapes(g: ChannelGraph, new: fx.GraphModule, inputs: tuple, kept: An
                 continue
             want = tuple(int(kept(s).sum()) for s in sids)
             if tuple(meta.shape) != want:
-                raise PruneError(f"after pruning, node '{n.name}' ({describe(n, modules) if n.op != 'placeholder' else 'input'}) "
-                                 f"has shape {tuple(meta.shape)} instead of {want}: a size is computed in a way "
-                                 f"the graph cannot follow; mark that code a leaf (trace(..., leaf_modules=...))")
+                raise PruneError(
+                    f"after pruning, node '{n.name}' ({describe(n, modules) if n.op != 'placeholder' else 'input'}) "
+                    f"has shape {tuple(meta.shape)} instead of {want}: a size is computed in a way "
+                    f"the graph cannot follow; mark that code a leaf (trace(..., leaf_modules=...))"
+                )

@@ -1,4 +1,5 @@
 """torch.fx front end: symbolic trace plus shape propagation, with errors that say what to do."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -144,8 +145,9 @@ def as_tuple(example_inputs: torch.Tensor | tuple | list) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-def symbolic_trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = (),
-                   concrete_args: Mapping[str, Any] | None = None) -> fx.Graph:
+def symbolic_trace(
+    model: nn.Module, leaf_modules: Iterable[LeafSpec] = (), concrete_args: Mapping[str, Any] | None = None
+) -> fx.Graph:
     """Trace `model` with torch.fx; on failure raise `GraphTraceError` naming the innermost module."""
     tracer = _LeafTracer(leaf_modules)
     try:
@@ -156,7 +158,8 @@ def symbolic_trace(model: nn.Module, leaf_modules: Iterable[LeafSpec] = (),
         raise GraphTraceError(
             f"torch.fx could not trace module '{where}' ({type(owner).__name__}): {type(exc).__name__}: {exc}. "
             f"Mark it a leaf with trace(..., leaf_modules=('{where}',)) (its channels then stay unpruned), "
-            f"or fix data-dependent control flow with concrete_args={{...}}.") from exc
+            f"or fix data-dependent control flow with concrete_args={{...}}."
+        ) from exc
     return graph
 
 
@@ -199,8 +202,9 @@ class _ShapeRecorder(fx.Interpreter):  # runs on the model itself: no GraphModul
         return out
 
 
-def propagate_shapes(root: nn.Module, graph: fx.Graph, example_inputs: tuple,
-                     opaque: Callable[[fx.Node], bool] = lambda n: False) -> None:
+def propagate_shapes(
+    root: nn.Module, graph: fx.Graph, example_inputs: tuple, opaque: Callable[[fx.Node], bool] = lambda n: False
+) -> None:
     """Annotate every node with `meta['tensor_meta']` by running the traced program once (eval mode,
     no grad; the modules' train/eval flags are restored afterwards, so running statistics are untouched)."""
     training = [m for m in root.modules() if m.training]
@@ -210,8 +214,9 @@ def propagate_shapes(root: nn.Module, graph: fx.Graph, example_inputs: tuple,
         with torch.no_grad():
             _ShapeRecorder(root, graph, opaque).run(*example_inputs)
     except Exception as exc:
-        raise GraphTraceError(f"running the traced program on the example inputs failed: "
-                              f"{type(exc).__name__}: {exc}") from exc
+        raise GraphTraceError(
+            f"running the traced program on the example inputs failed: {type(exc).__name__}: {exc}"
+        ) from exc
     finally:
         for m in training:
             m.training = True

@@ -2,9 +2,11 @@
 
 Torch inputs stay torch tensors (same dtype, device and autograd graph); nothing goes through numpy.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from array_api_compat import array_namespace, device
 

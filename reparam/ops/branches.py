@@ -4,10 +4,11 @@ A branch is the affine map ``x ↦ conv(x; W, geometry) + b``; branches with the
 groups and padding mode whose taps read the same input positions add kernel-wise once each is
 placed on a common tap grid.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -35,8 +36,10 @@ def add_branches(*pairs: tuple[Array, Array | None]) -> tuple[Array, Array | Non
     shape = tuple(pairs[0][0].shape)
     for k, _ in pairs[1:]:
         if tuple(k.shape) != shape:
-            raise MergeError(f"add_branches: kernel shapes differ ({shape} vs {tuple(k.shape)}); "
-                             "embed the smaller kernel into the larger geometry first (embed_kernel)")
+            raise MergeError(
+                f"add_branches: kernel shapes differ ({shape} vs {tuple(k.shape)}); "
+                "embed the smaller kernel into the larger geometry first (embed_kernel)"
+            )
     kernel = pairs[0][0]
     for k, _ in pairs[1:]:
         kernel = kernel + k
@@ -69,7 +72,9 @@ def embed_offset(src: ConvGeometry, dst: ConvGeometry, src_kernel_size: Sequence
     integer in ``[0, K − k]`` with the after side agreeing, ``(P_after − p_after)/d = K − k − o``."""
     ks = tuple(src_kernel_size or src.kernel_size)
     offs = []
-    for i, (k, kk, (pb, pa), (qb, qa), d) in enumerate(zip(ks, dst.kernel_size, src.padding, dst.padding, dst.dilation)):
+    for i, (k, kk, (pb, pa), (qb, qa), d) in enumerate(
+        zip(ks, dst.kernel_size, src.padding, dst.padding, dst.dilation)
+    ):
         before, after = qb - pb, qa - pa
         if before % d or after % d or before < 0 or after < 0 or before // d + after // d != kk - k:
             raise MergeError(
@@ -91,8 +96,10 @@ def embed_kernel(kernel: Array, src: ConvGeometry, dst: ConvGeometry) -> Array:
     works once the taps align; a branch that reads no padding never sees the target's mode)."""
     for field in ("ndim", "stride", "groups") + (("padding_mode",) if src.pads else ()):
         if getattr(src, field) != getattr(dst, field):
-            raise MergeError(f"embed_kernel: branch {field}={getattr(src, field)!r} differs from target "
-                             f"{field}={getattr(dst, field)!r}; branches must share it to be summed")
+            raise MergeError(
+                f"embed_kernel: branch {field}={getattr(src, field)!r} differs from target "
+                f"{field}={getattr(dst, field)!r}; branches must share it to be summed"
+            )
     if src.transposed or dst.transposed:
         raise MergeError("embed_kernel: transposed convolutions are not supported")
     rates = []
@@ -100,8 +107,10 @@ def embed_kernel(kernel: Array, src: ConvGeometry, dst: ConvGeometry) -> Array:
         if k == 1:
             rates.append(1)
         elif r % d:
-            raise MergeError(f"embed_kernel: branch dilation {r} in dim {i} is not a multiple of the target dilation {d}; "
-                             "no kernel on the target's tap grid reads the branch's inputs")
+            raise MergeError(
+                f"embed_kernel: branch dilation {r} in dim {i} is not a multiple of the target dilation {d}; "
+                "no kernel on the target's tap grid reads the branch's inputs"
+            )
         else:
             rates.append(r // d)
     kernel = dilate_kernel(kernel, rates)
@@ -174,12 +183,18 @@ def check_avg_pool_mergeable(pool: nn.Module, *, groups: int = 1, name: str | No
     pad = pool.padding
     geometry = ConvGeometry.create(k, stride, pad if isinstance(pad, int) else tuple(pad), 1, groups, ndim=ndim)
     if not pool.count_include_pad and geometry.pads:
-        raise MergeError(f"{label} has count_include_pad=False with padding {pad}: border windows divide by fewer "
-                         "elements, which no fixed kernel does; use count_include_pad=True or padding=0")
+        raise MergeError(
+            f"{label} has count_include_pad=False with padding {pad}: border windows divide by fewer "
+            "elements, which no fixed kernel does; use count_include_pad=True or padding=0"
+        )
     if pool.ceil_mode:
-        raise MergeError(f"{label} has ceil_mode=True: the extra partial windows are not a convolution; use ceil_mode=False")
+        raise MergeError(
+            f"{label} has ceil_mode=True: the extra partial windows are not a convolution; use ceil_mode=False"
+        )
     if getattr(pool, "divisor_override", None) is not None:
-        raise MergeError(f"{label} has divisor_override={pool.divisor_override}; remove it (or scale the kernel yourself)")
+        raise MergeError(
+            f"{label} has divisor_override={pool.divisor_override}; remove it (or scale the kernel yourself)"
+        )
     return geometry
 
 
@@ -191,5 +206,7 @@ def dirac_plus(kernel: Array, groups: int = 1) -> Array:
     if o != i:
         raise MergeError(f"dirac_plus: an identity needs as many outputs as inputs, got {o} outputs and {i} inputs")
     if any(k % 2 == 0 for k in spatial):
-        raise MergeError(f"dirac_plus: kernel {spatial} has no centre tap; use identity_kernel with the conv's geometry")
+        raise MergeError(
+            f"dirac_plus: kernel {spatial} has no centre tap; use identity_kernel with the conv's geometry"
+        )
     return kernel + _place_at_tap(_group_eye(o, groups, kernel), spatial, [k // 2 for k in spatial], kernel)

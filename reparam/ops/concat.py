@@ -1,7 +1,8 @@
 """Concatenation along channels (E1, E2) and the block-diagonal view of grouped kernels."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._array import Array, bias_or_zeros, namespace, zeros_like_dtype
 from .errors import MergeError
@@ -17,8 +18,10 @@ def concat_out(*pairs: tuple[Array, Array | None]) -> tuple[Array, Array | None]
     tail = tuple(pairs[0][0].shape[1:])
     for k, _ in pairs[1:]:
         if tuple(k.shape[1:]) != tail:
-            raise MergeError(f"concat_out: kernels {tail} and {tuple(k.shape[1:])} differ beyond the output axis; "
-                             "concatenated convs must share input channels, groups and kernel size")
+            raise MergeError(
+                f"concat_out: kernels {tail} and {tuple(k.shape[1:])} differ beyond the output axis; "
+                "concatenated convs must share input channels, groups and kernel size"
+            )
     xp = namespace(*[k for k, _ in pairs])
     kernel = xp.concat([k for k, _ in pairs], axis=0)
     if all(b is None for _, b in pairs):
@@ -56,6 +59,6 @@ def split_in(kernel: Array, sizes: Sequence[int], groups: int = 1) -> list[Array
         raise MergeError(f"split_in: sizes {sizes} sum to {sum(sizes)}, the conv reads {dense.shape[1]} input channels")
     pieces, start = [], 0
     for s in sizes:
-        pieces.append(dense[:, start:start + s, ...])
+        pieces.append(dense[:, start : start + s, ...])
         start += s
     return pieces

@@ -1,4 +1,5 @@
 """The one error type of the kernel algebra."""
+
 from __future__ import annotations
 
 __all__ = ["MergeError"]

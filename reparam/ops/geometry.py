@@ -5,10 +5,11 @@ spatial dim) reads input ``s·i − P_before + d·u`` for tap ``u``; reads outsi
 padding (zeros, or the reflect/replicate/circular remap of the input). Paddings are per side so
 that asymmetric pads (and negative ones, i.e. crops) are first-class.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _F_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _F_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
-PaddingSpec = Union[int, str, Sequence[int], Sequence[Sequence[int]]]
+PaddingSpec = int | str | Sequence[int] | Sequence[Sequence[int]]
 
 
 def _tuple(v: int | Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
@@ -77,7 +78,7 @@ class ConvGeometry:
         padding_mode: str = "zeros",
         *,
         ndim: int | None = None,
-    ) -> "ConvGeometry":
+    ) -> ConvGeometry:
         """Build from ``nn.Conv``-style arguments; `padding` may be an int, one int per dim, one
         ``(before, after)`` pair per dim, ``'same'``, ``'valid'``, or None (centred: ``d(k−1)/2``,
         the extra tap after when ``d(k−1)`` is odd, like ``'same'``)."""
@@ -99,7 +100,7 @@ class ConvGeometry:
         return cls(k, _tuple(stride, ndim, "stride"), d, pads, int(groups), padding_mode)
 
     @classmethod
-    def from_module(cls, conv: nn.Module) -> "ConvGeometry":
+    def from_module(cls, conv: nn.Module) -> ConvGeometry:
         """The geometry of an ``nn.ConvNd`` / ``nn.ConvTransposeNd`` (string paddings included) or
         an `AsymmetricPadConv`."""
         if isinstance(conv, AsymmetricPadConv):
@@ -111,15 +112,22 @@ class ConvGeometry:
             if isinstance(conv.padding, str):
                 raise MergeError(f"{type(conv).__name__}: string padding on a transposed conv is not supported")
             return cls(
-                tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation),
-                tuple((int(p), int(p)) for p in conv.padding), conv.groups, conv.padding_mode,
-                True, tuple(int(p) for p in conv.output_padding),
+                tuple(conv.kernel_size),
+                tuple(conv.stride),
+                tuple(conv.dilation),
+                tuple((int(p), int(p)) for p in conv.padding),
+                conv.groups,
+                conv.padding_mode,
+                True,
+                tuple(int(p) for p in conv.output_padding),
             )
         rp = conv._reversed_padding_repeated_twice  # last spatial dim first, (before, after) pairs
         pads = tuple((int(rp[2 * (n - 1 - i)]), int(rp[2 * (n - 1 - i) + 1])) for i in range(n))
-        return cls(tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), pads, conv.groups, conv.padding_mode)
+        return cls(
+            tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), pads, conv.groups, conv.padding_mode
+        )
 
-    def replace(self, **changes) -> "ConvGeometry":
+    def replace(self, **changes) -> ConvGeometry:
         """A copy with some fields changed."""
         fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
         fields.update(changes)
@@ -159,16 +167,16 @@ class ConvGeometry:
             op = self.output_padding or (0,) * self.ndim
             return tuple(
                 (n - 1) * s - b - a + d * (k - 1) + o + 1
-                for n, s, (b, a), d, k, o in zip(input_size, self.stride, self.padding, self.dilation, self.kernel_size, op)
+                for n, s, (b, a), d, k, o in zip(
+                    input_size, self.stride, self.padding, self.dilation, self.kernel_size, op
+                )
             )
         return tuple(
             (n + b + a - e) // s + 1 for n, s, (b, a), e in zip(input_size, self.stride, self.padding, self.extent)
         )
 
     # ------------------------------------------------------------------ modules
-    def to_module(
-        self, in_channels: int, out_channels: int, bias: bool, *, device=None, dtype=None
-    ) -> nn.Module:
+    def to_module(self, in_channels: int, out_channels: int, bias: bool, *, device=None, dtype=None) -> nn.Module:
         """A fresh module with this geometry: ``nn.ConvNd`` (or ``nn.ConvTransposeNd``) when the
         padding is symmetric and non-negative, else an `AsymmetricPadConv`."""
         kw = dict(device=device, dtype=dtype)
@@ -176,13 +184,30 @@ class ConvGeometry:
             if not self.is_symmetric:
                 raise MergeError("a transposed conv with asymmetric padding has no nn.ConvTranspose equivalent")
             return _CONV_T[self.ndim](
-                in_channels, out_channels, self.kernel_size, self.stride, tuple(b for b, _ in self.padding),
-                self.output_padding or 0, self.groups, bias, self.dilation, self.padding_mode, **kw,
+                in_channels,
+                out_channels,
+                self.kernel_size,
+                self.stride,
+                tuple(b for b, _ in self.padding),
+                self.output_padding or 0,
+                self.groups,
+                bias,
+                self.dilation,
+                self.padding_mode,
+                **kw,
             )
         if self.is_symmetric and all(b >= 0 for b, _ in self.padding):
             return _CONV[self.ndim](
-                in_channels, out_channels, self.kernel_size, self.stride, tuple(b for b, _ in self.padding),
-                self.dilation, self.groups, bias, self.padding_mode, **kw,
+                in_channels,
+                out_channels,
+                self.kernel_size,
+                self.stride,
+                tuple(b for b, _ in self.padding),
+                self.dilation,
+                self.groups,
+                bias,
+                self.padding_mode,
+                **kw,
             )
         conv = _CONV[self.ndim](
             in_channels, out_channels, self.kernel_size, self.stride, 0, self.dilation, self.groups, bias, **kw
@@ -190,7 +215,7 @@ class ConvGeometry:
         return AsymmetricPadConv(PadNd(self.f_pad(), self.padding_mode), conv)
 
 
-def pad_nd(x: torch.Tensor, pad: List[int], mode: str = "zeros") -> torch.Tensor:
+def pad_nd(x: torch.Tensor, pad: list[int], mode: str = "zeros") -> torch.Tensor:
     """``F.pad`` with conv padding-mode names; positive entries pad (by `mode`), then negative ones crop."""
     grow = [p if p > 0 else 0 for p in pad]
     crop = [p if p < 0 else 0 for p in pad]
@@ -206,7 +231,7 @@ class PadNd(nn.Module):
 
     def __init__(self, pad: Sequence[int], mode: str = "zeros") -> None:
         super().__init__()
-        self.pad: List[int] = [int(p) for p in pad]
+        self.pad: list[int] = [int(p) for p in pad]
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,9 +278,14 @@ def conv_nd(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, ge
         if not geometry.is_symmetric:
             raise MergeError("a transposed conv with asymmetric padding is not supported")
         return _F_CONV_T[n](
-            x, kernel, bias, geometry.stride, tuple(b for b, _ in geometry.padding),
-            geometry.output_padding or 0, geometry.groups, geometry.dilation,
+            x,
+            kernel,
+            bias,
+            geometry.stride,
+            tuple(b for b, _ in geometry.padding),
+            geometry.output_padding or 0,
+            geometry.groups,
+            geometry.dilation,
         )
     x = pad_nd(x, list(geometry.f_pad()), geometry.padding_mode)
     return _F_CONV[n](x, kernel, bias, geometry.stride, 0, geometry.dilation, geometry.groups)
-

@@ -4,10 +4,10 @@ Notation: eval-mode BatchNorm is the per-channel affine ``BN(z) = s·z + t`` wit
 ``s = γ/√(σ²+ε)`` and ``t = β − μ·s``. Kernels are ``O × I/g × k…`` (conv), ``I × O/g × k…``
 (transposed conv) or ``O × I`` (linear).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -39,8 +39,8 @@ class NormStats:
 
     mean: Array
     var: Array
-    weight: Optional[Array]
-    bias: Optional[Array]
+    weight: Array | None
+    bias: Array | None
     eps: float
 
     @property
@@ -48,7 +48,7 @@ class NormStats:
         return self.mean.shape[0]
 
     @classmethod
-    def from_module(cls, bn: nn.Module, name: str | None = None) -> "NormStats":
+    def from_module(cls, bn: nn.Module, name: str | None = None) -> NormStats:
         """Statistics of a BatchNorm1d/2d/3d, SyncBatchNorm or torchvision FrozenBatchNorm2d.
 
         Refuses (MergeError) a BN that normalises with batch statistics: in training mode, or
@@ -58,20 +58,28 @@ class NormStats:
         label = f"{name} ({type(bn).__name__})" if name else type(bn).__name__
         frozen = isinstance(bn, FrozenBatchNorm2d)  # always normalises with its buffers
         if not (isinstance(bn, _BatchNorm) or frozen):
-            raise MergeError(f"{label} is not a batch norm; only BatchNorm1d/2d/3d, SyncBatchNorm and FrozenBatchNorm2d fold")
+            raise MergeError(
+                f"{label} is not a batch norm; only BatchNorm1d/2d/3d, SyncBatchNorm and FrozenBatchNorm2d fold"
+            )
         if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
-            raise MergeError(f"{label} has no running statistics (track_running_stats=False): it normalises with batch "
-                             "statistics, which no fixed kernel reproduces; train with track_running_stats=True")
+            raise MergeError(
+                f"{label} has no running statistics (track_running_stats=False): it normalises with batch "
+                "statistics, which no fixed kernel reproduces; train with track_running_stats=True"
+            )
         if bn.training and not frozen:
-            raise MergeError(f"{label} is in training mode and normalises with batch statistics; call .eval() before merging")
+            raise MergeError(
+                f"{label} is in training mode and normalises with batch statistics; call .eval() before merging"
+            )
         act = getattr(bn, "act", None)
         if act is not None and not isinstance(act, nn.Identity):
-            raise MergeError(f"{label} applies an activation ({type(act).__name__}) after normalising; only a plain affine folds")
+            raise MergeError(
+                f"{label} applies an activation ({type(act).__name__}) after normalising; only a plain affine folds"
+            )
         weight = getattr(bn, "weight", None)
         bias = getattr(bn, "bias", None)
         return cls(bn.running_mean, bn.running_var, weight, bias, float(bn.eps))
 
-    def map(self, fn) -> "NormStats":
+    def map(self, fn) -> NormStats:
         """Apply `fn` to every per-channel array (None stays None)."""
         vals = {f.name: getattr(self, f.name) for f in fields(self)}
         return NormStats(**{k: (v if k == "eps" or v is None else fn(v)) for k, v in vals.items()})
@@ -135,12 +143,16 @@ def _refuse_padded(geometry: ConvGeometry | None, what: str) -> None:
     if geometry is None:
         return
     if geometry.transposed:
-        raise MergeError(f"{what}: a constant input shift through a transposed conv is not a per-channel constant "
-                         "(border outputs receive fewer taps); not representable")
+        raise MergeError(
+            f"{what}: a constant input shift through a transposed conv is not a per-channel constant "
+            "(border outputs receive fewer taps); not representable"
+        )
     if geometry.pads and geometry.padding_mode == "zeros":
-        raise MergeError(f"{what}: the consumer conv zero-pads {geometry.padding}; the padded zeros would not receive the "
-                         "shift, so the border differs. Use padding=0 (pad before the norm instead) or a "
-                         "reflect/replicate/circular padding_mode")
+        raise MergeError(
+            f"{what}: the consumer conv zero-pads {geometry.padding}; the padded zeros would not receive the "
+            "shift, so the border differs. Use padding=0 (pad before the norm instead) or a "
+            "reflect/replicate/circular padding_mode"
+        )
 
 
 def scale_in(kernel: Array, scale: Array, groups: int = 1) -> Array:
@@ -152,9 +164,7 @@ def scale_in(kernel: Array, scale: Array, groups: int = 1) -> Array:
     return xp.reshape(kg * sv, tuple(kernel.shape))
 
 
-def propagate_bias(
-    kernel: Array, bias: Array | None, shift: Array, geometry: ConvGeometry | None = None
-) -> Array:
+def propagate_bias(kernel: Array, bias: Array | None, shift: Array, geometry: ConvGeometry | None = None) -> Array:
     """A7, a per-input-channel shift before a conv/linear moves into its bias:
     ``b'[o] = b[o] + Σ_{i,u} W[o, i, u]·shift[grp(o)+i]``. `geometry` None means linear.
     Refuses a zero-padding consumer (the padded zeros would not be shifted)."""
@@ -172,7 +182,10 @@ def shift_to_bias(kernel: Array, shift: Array, groups: int = 1) -> Array:
 
 
 def fold_norm_affine(
-    kernel: Array, bias: Array | None, norm_weight: Array | None, norm_bias: Array | None,
+    kernel: Array,
+    bias: Array | None,
+    norm_weight: Array | None,
+    norm_bias: Array | None,
     geometry: ConvGeometry | None = None,
 ) -> tuple[Array, Array | None]:
     """A6, a norm's elementwise affine ``γn·z + βn`` (or any per-channel affine) absorbed into the

@@ -5,11 +5,12 @@ Two convolutions in a row are one convolution: with ``y = conv2(conv1(x))`` the 
 ``b1`` passes through conv2 as ``Σ_{m,u} W2[o, m, u]·b1[m]``. Groups compose block-diagonally
 into ``gcd(g1, g2)`` groups.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._array import Array, namespace, zeros_like_dtype
 from .concat import ungroup_kernel
@@ -33,7 +34,9 @@ def composed_groups(groups1: int, groups2: int) -> int:
     return math.gcd(groups1, groups2)
 
 
-def _merged_spacing(k1: Sequence[int], d1: Sequence[int], s1: Sequence[int], k2: Sequence[int], d2: Sequence[int]) -> tuple[int, ...]:
+def _merged_spacing(
+    k1: Sequence[int], d1: Sequence[int], s1: Sequence[int], k2: Sequence[int], d2: Sequence[int]
+) -> tuple[int, ...]:
     """Per dim, the gcd of the tap steps ``d1`` (if k1 > 1) and ``s1·d2`` (if k2 > 1): the merged dilation."""
     out = []
     for a, da, sa, b, db in zip(k1, d1, s1, k2, d2):
@@ -43,8 +46,13 @@ def _merged_spacing(k1: Sequence[int], d1: Sequence[int], s1: Sequence[int], k2:
 
 
 def _compose_kernels(
-    k1: Array, groups1: int, k2: Array, groups2: int,
-    stride1: Sequence[int], dilation1: Sequence[int], dilation2: Sequence[int],
+    k1: Array,
+    groups1: int,
+    k2: Array,
+    groups2: int,
+    stride1: Sequence[int],
+    dilation1: Sequence[int],
+    dilation2: Sequence[int],
 ) -> tuple[Array, tuple[int, ...]]:
     """Merged kernel of conv1 then conv2 (no padding considered) and its dilation:
     ``K[o, i, s1·d2·u + d1·a] = Σ_m W2[o, m, u]·W1[m, i, a]``, then thinned to the merged dilation."""
@@ -59,7 +67,9 @@ def _compose_kernels(
     w2 = ungroup_kernel(k2, groups2, g)  # (O, M/g, k2…)
     o, ig = w2.shape[0], w1.shape[1]
     sp1, sp2 = tuple(w1.shape[2:]), tuple(w2.shape[2:])
-    fine = tuple(d1 * (a - 1) + s1 * d2 * (b - 1) + 1 for a, b, s1, d1, d2 in zip(sp1, sp2, stride1, dilation1, dilation2))
+    fine = tuple(
+        d1 * (a - 1) + s1 * d2 * (b - 1) + 1 for a, b, s1, d1, d2 in zip(sp1, sp2, stride1, dilation1, dilation2)
+    )
     w1g = xp.reshape(w1, (g, m // g, ig * math.prod(sp1)))
     w2g = xp.reshape(w2, (g, o // g, m // g) + sp2)
     out = zeros_like_dtype((o, ig) + fine, k1)
@@ -98,8 +108,11 @@ def compose(
         raise MergeError(f"compose: a {g1.ndim}d conv does not compose with a {g2.ndim}d conv")
     if tuple(k1.shape[2:]) != g1.kernel_size or tuple(k2.shape[2:]) != g2.kernel_size:
         raise MergeError("compose: kernel shapes disagree with their geometries")
-    one_by_one = all(k == 1 for k in g1.kernel_size) and all(s == 1 for s in g1.stride) \
+    one_by_one = (
+        all(k == 1 for k in g1.kernel_size)
+        and all(s == 1 for s in g1.stride)
         and all(b == 0 and a == 0 for b, a in g1.padding)
+    )
     if not g2.pads:
         kernel, spacing = _compose_kernels(k1, g1.groups, k2, g2.groups, g1.stride, g1.dilation, g2.dilation)
         s1 = g1.stride
@@ -171,8 +184,12 @@ def compose_kxk_1x1(
 
 
 def compose_depthwise_pointwise(
-    dw_kernel: Array, dw_bias: Array | None, pw_kernel: Array, pw_bias: Array | None,
-    dw_groups: int, pw_groups: int = 1,
+    dw_kernel: Array,
+    dw_bias: Array | None,
+    pw_kernel: Array,
+    pw_bias: Array | None,
+    dw_groups: int,
+    pw_groups: int = 1,
 ) -> tuple[Array, Array | None]:
     """C5, depthwise conv (``C·E × 1 × k…``, groups C, multiplier E) then pointwise conv: one conv
     ``K[o, c, u] = Σ_e P[o, c·E+e]·D[c·E+e, 0, u]`` with groups ``gcd(C, pw_groups)``."""

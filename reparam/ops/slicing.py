@@ -5,9 +5,10 @@ when it keeps the same number of channels in every group, or keeps whole groups 
 matching channels on the other side of those groups go too, and the layer's groups shrink;
 depthwise layers are always in this case). Anything else is refused.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._array import Array, index_array, namespace
 from .errors import MergeError
@@ -99,9 +100,7 @@ def select_out(
     return kernel, bias, new_groups
 
 
-def select_in(
-    kernel: Array, keep: Sequence[int], groups: int = 1, transposed: bool = False
-) -> tuple[Array, int]:
+def select_in(kernel: Array, keep: Sequence[int], groups: int = 1, transposed: bool = False) -> tuple[Array, int]:
     """Keep input channels `keep` (sorted) of a conv (columns ``W[:, keep]`` per group), transposed
     conv (``W[keep]``) or linear. Returns ``(kernel, groups)``. When whole groups are dropped the
     output channels of those groups go too (their rows are removed from the kernel; remove them

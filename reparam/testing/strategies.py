@@ -1,15 +1,19 @@
-"""Reusable hypothesis strategies for the kernel algebra and the blocks built on it.
+"""Hypothesis strategies for proving merges: conv geometries, norm statistics, small inputs, tensors.
 
-Random tensors come from a drawn seed (fast, shrinks well); geometries, BN statistics and inputs
-follow the randomisation plan of the ops spec: small spatial sizes so that borders dominate.
-Other test packages import it as ``ops.strategies`` (pytest puts ``tests/`` on the path).
+Random tensors come from a drawn seed (fast, shrinks well); geometries cover 1-/2-/3-D kernels (odd,
+even, rectangular), anisotropic stride and dilation, per-side padding below, at and above centre,
+groups over the common divisors of the channel counts and every padding mode; norm statistics include
+tiny variances, exact-zero and negative γ, several ε and affine off; inputs are just large enough for
+the geometry, so that borders dominate.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from hypothesis import strategies as st
+from torch import nn
 
 from reparam.ops import ConvGeometry, NormStats
 
@@ -18,10 +22,20 @@ EPSILONS = (1e-5, 1e-3, 0.1)
 _BN_STREAM = 1_000_003
 
 __all__ = [
-    "PADDING_MODES", "EPSILONS", "divisors", "conv_geometries", "bn_stats", "small_inputs", "min_input_size",
-    "random_tensor", "tensors", "bn_module", "conv_layers", "min_chain_input_size",
+    "EPSILONS",
+    "PADDING_MODES",
+    "bn_module",
+    "bn_stats",
+    "conv_geometries",
+    "conv_layers",
+    "divisors",
+    "min_chain_input_size",
+    "min_input_size",
+    "random_tensor",
+    "randomise_norms",
+    "small_inputs",
+    "tensors",
 ]
-
 
 
 def divisors(n: int) -> list[int]:
@@ -68,7 +82,9 @@ def conv_geometries(
     s = tuple(draw(st.integers(1, max_stride)) for _ in range(n))
     d = tuple(draw(st.integers(1, max_dilation)) if ki > 1 else 1 for ki in k)
     if padding == "any":
-        pads = tuple((draw(st.integers(0, di * (ki - 1) + 1)), draw(st.integers(0, di * (ki - 1) + 1))) for ki, di in zip(k, d))
+        pads = tuple(
+            (draw(st.integers(0, di * (ki - 1) + 1)), draw(st.integers(0, di * (ki - 1) + 1))) for ki, di in zip(k, d)
+        )
     elif padding == "symmetric":
         pads = tuple((p, p) for p in (draw(st.integers(0, di * (ki - 1) + 1)) for ki, di in zip(k, d)))
     elif padding == "centred":
@@ -138,6 +154,15 @@ def small_inputs(
     return draw(tensors((batch, channels) + size, dtype, device))
 
 
+def _norm_statistics(channels: int, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(μ, σ², γ, β): μ ~ N(0, 1), σ² log-uniform in [1e-4, 1e2], γ ~ N(0, 1) with ~15% exact zeros, β ~ N(0, 1)."""
+    mean = torch.randn(channels, generator=gen, dtype=dtype)
+    var = 10.0 ** (torch.rand(channels, generator=gen, dtype=dtype) * 6 - 4)
+    weight = torch.randn(channels, generator=gen, dtype=dtype)
+    weight = torch.where(torch.rand(channels, generator=gen, dtype=dtype) < 0.15, torch.zeros_like(weight), weight)
+    return mean, var, weight, torch.randn(channels, generator=gen, dtype=dtype)
+
+
 @st.composite
 def bn_stats(
     draw, channels: int, *, dtype: torch.dtype = torch.float64, device=None, allow_no_affine: bool = True
@@ -148,15 +173,27 @@ def bn_stats(
     eps = draw(st.sampled_from(EPSILONS))
     affine = draw(st.booleans()) if allow_no_affine else True
     gen = torch.Generator().manual_seed(seed + _BN_STREAM)  # a stream apart from `tensors` for equal seeds
-    mean = torch.randn(channels, generator=gen, dtype=dtype)
-    var = 10.0 ** (torch.rand(channels, generator=gen, dtype=dtype) * 6 - 4)
-    weight = torch.randn(channels, generator=gen, dtype=dtype)
-    weight = torch.where(torch.rand(channels, generator=gen, dtype=dtype) < 0.15, torch.zeros_like(weight), weight)
-    bias = torch.randn(channels, generator=gen, dtype=dtype)
+    mean, var, weight, bias = _norm_statistics(channels, gen, dtype)
     if not affine:
         weight = bias = None
-    to = (lambda v: None if v is None else v.to(device))
+    to = lambda v: None if v is None else v.to(device)
     return NormStats(to(mean), to(var), to(weight), to(bias), eps)
+
+
+def randomise_norms(module: nn.Module, seed: int) -> None:
+    """Give every batch norm in `module` random eval-mode statistics from `seed`, as `bn_stats` draws them:
+    μ ~ N(0, 1), σ² log-uniform in [1e-4, 1e2], γ ~ N(0, 1) with some exact zeros (negatives included),
+    β ~ N(0, 1). Merges that hold only for fresh norms (μ=0, σ²=1, γ=1, β=0) fail under it."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                mean, var, weight, bias = _norm_statistics(bn.num_features, gen, torch.float64)
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                if bn.affine:
+                    bn.weight.copy_(weight)
+                    bn.bias.copy_(bias)
 
 
 def bn_module(stats: NormStats, ndim: int) -> torch.nn.Module:

@@ -1,5 +1,6 @@
 """`benchmarks/gpu_check.py` keeps working where no GPU is: its training check runs on the CPU (bf16
 autocast, channels_last), and the script itself refuses cleanly without CUDA."""
+
 from __future__ import annotations
 
 import importlib.util

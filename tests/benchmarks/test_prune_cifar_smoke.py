@@ -1,6 +1,7 @@
 """`benchmarks/prune_cifar.py` end to end on a tiny synthetic stand-in for ../shared/data (random JPEG
 images in the CIFAR-10 JPEG-bytes layout and a randomly initialised "published" ResNet-20), plus its
 input checks and the L1 one-shot selection."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -51,9 +52,15 @@ def fake_shared_data(root: Path, n_train: int = 64, n_test: int = 32) -> Path:
     (root / "cifar-resnet").mkdir()
     train_jpeg, train_offsets = _jpegs(rng, n_train)
     test_jpeg, test_offsets = _jpegs(rng, n_test)
-    np.savez(root / "cifar10-jpeg" / "cifar10_jpegbytes.npz", train_jpeg=train_jpeg, train_offsets=train_offsets,
-             y_train=np.arange(n_train) % 10, test_jpeg=test_jpeg, test_offsets=test_offsets,
-             y_test=np.arange(n_test) % 10)
+    np.savez(
+        root / "cifar10-jpeg" / "cifar10_jpegbytes.npz",
+        train_jpeg=train_jpeg,
+        train_offsets=train_offsets,
+        y_train=np.arange(n_train) % 10,
+        test_jpeg=test_jpeg,
+        test_offsets=test_offsets,
+        y_test=np.arange(n_test) % 10,
+    )
     torch.manual_seed(0)
     state = {f"module.{k}": v for k, v in CifarResNet(20).state_dict().items()}
     torch.save({"state_dict": state, "best_prec1": 10.0}, root / "cifar-resnet" / "resnet20-00000000.th")
@@ -79,10 +86,27 @@ def test_l1_oneshot_meets_the_macs_target():
 
 def test_seeds_aggregate_into_mean_and_spread():
     bench = _load_script()
-    rows = [{"target": 0.471, "method": "l1-oneshot", "variant": "", "seed": s, "status": "done", "accuracy_after": a,
-             "accuracy_drop": 87.0 - a, "macs": 10.0, "macs_reduction": 0.5, "params": 5.0, "params_reduction": 0.4,
-             "train_time_s": 60.0, "wall_time_s": 70.0} for s, a in ((0, 80.0), (1, 82.0), (2, 84.0))]
-    rows.append({"target": 0.471, "method": "l1-oneshot", "variant": "", "seed": 3, "status": "failed", "error": "boom"})
+    rows = [
+        {
+            "target": 0.471,
+            "method": "l1-oneshot",
+            "variant": "",
+            "seed": s,
+            "status": "done",
+            "accuracy_after": a,
+            "accuracy_drop": 87.0 - a,
+            "macs": 10.0,
+            "macs_reduction": 0.5,
+            "params": 5.0,
+            "params_reduction": 0.4,
+            "train_time_s": 60.0,
+            "wall_time_s": 70.0,
+        }
+        for s, a in ((0, 80.0), (1, 82.0), (2, 84.0))
+    ]
+    rows.append(
+        {"target": 0.471, "method": "l1-oneshot", "variant": "", "seed": 3, "status": "failed", "error": "boom"}
+    )
     (entry,) = bench.aggregate(rows)
     assert entry["seeds"] == [0, 1, 2] and entry["failed"] == {3: "boom"}
     assert entry["accuracy_mean"] == pytest.approx(82.0) and entry["accuracy_std"] == pytest.approx(2.0)
@@ -92,14 +116,39 @@ def test_seeds_aggregate_into_mean_and_spread():
 @pytest.mark.slow
 def test_benchmark_end_to_end_and_reuse(tmp_path):
     data = fake_shared_data(tmp_path / "data")
-    common = [sys.executable, str(SCRIPT), "--data", str(data), "--epochs", "3", "--threads", "1", "--repeats", "1",
-              "--train-limit", "64", "--test-limit", "32", "--out", str(tmp_path / "runs"),
-              "--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results")]
+    common = [
+        sys.executable,
+        str(SCRIPT),
+        "--data",
+        str(data),
+        "--epochs",
+        "3",
+        "--threads",
+        "1",
+        "--repeats",
+        "1",
+        "--train-limit",
+        "64",
+        "--test-limit",
+        "32",
+        "--out",
+        str(tmp_path / "runs"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--results",
+        str(tmp_path / "results"),
+    ]
     result = tmp_path / "results" / "prune_cifar_quick_e3.json"
 
     def run(*extra: str) -> tuple[str, dict]:
-        done = subprocess.run([*common, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(
+            [*common, *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout, json.loads(result.read_text())
 
@@ -120,8 +169,12 @@ def test_benchmark_end_to_end_and_reuse(tmp_path):
     assert "[resrep-residual@0.471 seed 0] " not in stdout and "[l1-oneshot@0.471 seed 0] " not in stdout
     assert "[l1-oneshot@0.471 seed 1] running" in stdout
     status = [(r["method"], r["target"], r["seed"], r["status"]) for r in payload["results"]]
-    assert status[:4] == [("resrep-residual", 0.471, 0, "done"), ("resrep-residual", 0.471, 1, "done"),
-                          ("l1-oneshot", 0.471, 0, "done"), ("l1-oneshot", 0.471, 1, "done")]
+    assert status[:4] == [
+        ("resrep-residual", 0.471, 0, "done"),
+        ("resrep-residual", 0.471, 1, "done"),
+        ("l1-oneshot", 0.471, 0, "done"),
+        ("l1-oneshot", 0.471, 1, "done"),
+    ]
     assert {s[3] for s in status[4:]} == {"failed"}
     assert "out of reach" in payload["results"][4]["error"]
     assert payload["results"][2]["accuracy_after"] == by_method["l1-oneshot"]["accuracy_after"]

@@ -1,4 +1,5 @@
 """Hypothesis strategies for the mergeable blocks: random geometry, block options, norms and inputs."""
+
 from __future__ import annotations
 
 import functools
@@ -9,16 +10,28 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from ops.strategies import EPSILONS, conv_geometries, small_inputs
-from reparam.ops.blocks.base import block_geometry
 from reparam.ops.blocks import (
-    ACBlock, ConvBlock, DilatedReparamBlock, DiverseBranchBlock, MobileOneBlock, PostBNBlock, RepLKBlock, RepVGGBlock,
+    ACBlock,
+    ConvBlock,
+    DilatedReparamBlock,
+    DiverseBranchBlock,
+    MobileOneBlock,
+    PostBNBlock,
+    RepLKBlock,
+    RepVGGBlock,
 )
+from reparam.ops.blocks.base import block_geometry
+from reparam.testing import EPSILONS, conv_geometries, randomise_norms, small_inputs
 
 CONV_BLOCKS: tuple[type[ConvBlock], ...] = (
-    RepVGGBlock, ACBlock, DiverseBranchBlock, MobileOneBlock, RepLKBlock, DilatedReparamBlock, PostBNBlock,
+    RepVGGBlock,
+    ACBlock,
+    DiverseBranchBlock,
+    MobileOneBlock,
+    RepLKBlock,
+    DilatedReparamBlock,
+    PostBNBlock,
 )
-
 
 
 @dataclass
@@ -37,24 +50,6 @@ class BlockCase:
         return block.eval()
 
 
-def randomise_norms(module: nn.Module, seed: int) -> None:
-    """Give every batch norm in `module` random statistics: μ ~ N(0, 1), σ² log-uniform in
-    [1e-4, 1e2], γ ~ N(0, 1) with some exact zeros (negatives included), β ~ N(0, 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in module.modules():
-            if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                continue
-            c = bn.num_features
-            bn.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
-            bn.running_var.copy_(10.0 ** (torch.rand(c, generator=gen, dtype=torch.float64) * 6 - 4))
-            if bn.affine:
-                gamma = torch.randn(c, generator=gen, dtype=torch.float64)
-                gamma[torch.rand(c, generator=gen) < 0.15] = 0
-                bn.weight.copy_(gamma)
-                bn.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
-
-
 @st.composite
 def _dilated_branch(draw, span: int) -> tuple[int, int]:
     """(kernel k, rate r) with r(k−1)+1 ≤ span."""
@@ -62,7 +57,9 @@ def _dilated_branch(draw, span: int) -> tuple[int, int]:
     return k, draw(st.integers(1, max(1, (span - 1) // max(k - 1, 1))))
 
 
-def _options(draw, cls: type[ConvBlock], in_ch: int, out_ch: int, kernel: tuple[int, int], groups: int) -> dict[str, Any]:
+def _options(
+    draw, cls: type[ConvBlock], in_ch: int, out_ch: int, kernel: tuple[int, int], groups: int
+) -> dict[str, Any]:
     """Block-specific options."""
     if cls in (RepVGGBlock, MobileOneBlock, PostBNBlock):
         opts: dict[str, Any] = {"identity": draw(st.sampled_from([None, False]))}
@@ -90,7 +87,9 @@ def block_cases(draw, cls: type[ConvBlock], *, max_channels: int = 5) -> BlockCa
     out_ch = in_ch if draw(st.booleans()) else draw(st.integers(1, max_channels))
     large = cls in (RepLKBlock, DilatedReparamBlock)
     geometry = draw(
-        conv_geometries(ndim=2, in_channels=in_ch, out_channels=out_ch, padding="symmetric", max_kernel=7 if large else 5)
+        conv_geometries(
+            ndim=2, in_channels=in_ch, out_channels=out_ch, padding="symmetric", max_kernel=7 if large else 5
+        )
     )
     padding = None if draw(st.booleans()) else tuple(b for b, _ in geometry.padding)
     norm = functools.partial(nn.BatchNorm2d, eps=draw(st.sampled_from(EPSILONS)), affine=draw(st.booleans()))
@@ -107,6 +106,8 @@ def block_cases(draw, cls: type[ConvBlock], *, max_channels: int = 5) -> BlockCa
         norm=norm,
         **_options(draw, cls, in_ch, out_ch, geometry.kernel_size, geometry.groups),
     )
-    geometry = block_geometry(geometry.kernel_size, geometry.stride, padding, geometry.dilation, geometry.groups, geometry.padding_mode)
+    geometry = block_geometry(
+        geometry.kernel_size, geometry.stride, padding, geometry.dilation, geometry.groups, geometry.padding_mode
+    )
     x = draw(small_inputs(in_ch, geometry, extra=2))
     return BlockCase(cls, kwargs, x)

@@ -1,12 +1,14 @@
 """Compactor: identity at initialisation, folds into the conv before it, merges to a plain 1x1."""
+
 from __future__ import annotations
 
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ops.strategies import conv_geometries, random_tensor, small_inputs
 from reparam.ops import conv_nd
 from reparam.ops.blocks import Compactor
+from reparam.testing import conv_geometries, random_tensor, small_inputs
 from reparam.verify import relative_error
 
 

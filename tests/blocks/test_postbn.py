@@ -1,10 +1,12 @@
 """PostBNBlock: one BN after linear branches, so merging is exact in training mode too."""
+
 from __future__ import annotations
 
 import copy
 
 import torch
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from reparam.ops import conv_nd
 from reparam.ops.blocks import PostBNBlock

@@ -1,4 +1,5 @@
 """Blocks refuse what they cannot merge exactly, with errors that name the layer and the fix."""
+
 from __future__ import annotations
 
 import functools
@@ -8,7 +9,13 @@ from torch import nn
 
 from reparam.ops import MergeError
 from reparam.ops.blocks import (
-    ACBlock, DilatedReparamBlock, DiverseBranchBlock, MobileOneBlock, PostBNBlock, RepLKBlock, RepVGGBlock,
+    ACBlock,
+    DilatedReparamBlock,
+    DiverseBranchBlock,
+    MobileOneBlock,
+    PostBNBlock,
+    RepLKBlock,
+    RepVGGBlock,
 )
 
 BN_BLOCKS = (RepVGGBlock, ACBlock, DiverseBranchBlock, MobileOneBlock, RepLKBlock, DilatedReparamBlock)

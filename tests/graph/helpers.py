@@ -1,4 +1,5 @@
 """Shared test helpers: random keep-sets, BN randomisation and zeroing, output comparison."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from reparam.graph import ChannelGraph
+from reparam.verify import relative_error
 
 
 def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
@@ -34,8 +36,11 @@ def random_keep(graph: ChannelGraph, fraction: float, rng: np.random.Generator) 
 
 def bn_groups(graph: ChannelGraph) -> list:
     """Prunable groups whose every producer is followed by its own BatchNorm."""
-    return [g for g in graph.groups if g.prunable and g.size > 1 and g.producers
-            and all(p.norm is not None for p in g.producers)]
+    return [
+        g
+        for g in graph.groups
+        if g.prunable and g.size > 1 and g.producers and all(p.norm is not None for p in g.producers)
+    ]
 
 
 def zero_channels(model: nn.Module, graph: ChannelGraph, rng: np.random.Generator) -> dict[int, list[int]]:
@@ -52,8 +57,11 @@ def zero_channels(model: nn.Module, graph: ChannelGraph, rng: np.random.Generato
             drop = rng.choice(g.size, drop_n, replace=False)
             for m in g.members:
                 owner = m.name.rpartition(".")[0]
-                if m.kind == "param" and m.name.endswith(".weight") and isinstance(
-                        mods.get(owner), nn.modules.batchnorm._BatchNorm):
+                if (
+                    m.kind == "param"
+                    and m.name.endswith(".weight")
+                    and isinstance(mods.get(owner), nn.modules.batchnorm._BatchNorm)
+                ):
                     idx = torch.as_tensor(m.positions[np.isin(m.channels, drop)])
                     mods[owner].weight[idx] = 0
                     mods[owner].bias[idx] = 0
@@ -62,5 +70,5 @@ def zero_channels(model: nn.Module, graph: ChannelGraph, rng: np.random.Generato
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    """`reparam.verify.relative_error` of `a` against the reference `b`."""
+    return relative_error(b, a)

@@ -1,4 +1,5 @@
 """Small hand-built networks with the couplings that break channel pruners."""
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,15 @@ class ShuffleBlock(nn.Module):
         super().__init__()
         self.stem = conv_bn(3, c)
         self.branches = nn.ModuleList(
-            nn.Sequential(conv_bn(c // 2, c // 2, 1), nn.ReLU(), conv_bn(c // 2, c // 2, 3, groups=c // 2),
-                          conv_bn(c // 2, c // 2, 1), nn.ReLU()) for _ in range(2))
+            nn.Sequential(
+                conv_bn(c // 2, c // 2, 1),
+                nn.ReLU(),
+                conv_bn(c // 2, c // 2, 3, groups=c // 2),
+                conv_bn(c // 2, c // 2, 1),
+                nn.ReLU(),
+            )
+            for _ in range(2)
+        )
         self.head = nn.Conv2d(c, 3, 1)
 
     @staticmethod
@@ -190,9 +198,18 @@ class TransformerNet(nn.Module):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 4, 4)
         self.pos = nn.Parameter(torch.randn(1, 4, dim) * 0.1)
-        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
-            n1=nn.LayerNorm(dim), attn=Attention(dim, heads), n2=nn.LayerNorm(dim),
-            fc1=nn.Linear(dim, hidden), fc2=nn.Linear(hidden, dim))) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                dict(
+                    n1=nn.LayerNorm(dim),
+                    attn=Attention(dim, heads),
+                    n2=nn.LayerNorm(dim),
+                    fc1=nn.Linear(dim, hidden),
+                    fc2=nn.Linear(hidden, dim),
+                )
+            )
+            for _ in range(depth)
+        )
         self.head = nn.Linear(dim, 3)
 
     def forward(self, x):
@@ -226,8 +243,16 @@ class BatchNormAct(nn.BatchNorm2d):
     position, affine parameters by keyword) and fuses its activation, as timm's norm-act layers do."""
 
     def forward(self, x):
-        x = F.batch_norm(x, self.running_mean, self.running_var, weight=self.weight, bias=self.bias,
-                         training=False, momentum=0.1, eps=self.eps)
+        x = F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=False,
+            momentum=0.1,
+            eps=self.eps,
+        )
         return F.relu(x)
 
 

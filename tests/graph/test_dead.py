@@ -1,4 +1,5 @@
 """Dead (BatchNorm-silenced) channels fold into consumer biases exactly, or are refused with a reason."""
+
 from __future__ import annotations
 
 import torch
@@ -14,14 +15,14 @@ class Unpadded(nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.bn = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
-        self.b = nn.Conv2d(6, 5, 3, padding=0, bias=False)       # unpadded: sees the constant everywhere
+        self.b = nn.Conv2d(6, 5, 3, padding=0, bias=False)  # unpadded: sees the constant everywhere
         self.c = nn.Conv2d(6, 4, 1)
         self.bn2 = nn.BatchNorm2d(5)
-        self.pad = nn.Conv2d(5, 4, 3, padding=1)                 # padded: sees zeros at the borders
+        self.pad = nn.Conv2d(5, 4, 3, padding=1)  # padded: sees zeros at the borders
         self.fc = nn.Linear(8, 2)
 
     def forward(self, x):
-        h = torch.sigmoid(self.bn(self.a(x)))                    # f(beta) != 0: the constant is not zero
+        h = torch.sigmoid(self.bn(self.a(x)))  # f(beta) != 0: the constant is not zero
         y = F.relu(self.bn2(self.b(h)))
         z = self.pad(y).mean((2, 3))
         return self.fc(torch.cat([z, self.c(h).mean((2, 3))], 1))
@@ -42,11 +43,12 @@ def test_folds_unpadded_consumers_and_refuses_padded_ones():
     assert report.model.get_submodule("a").weight.shape[0] == 4
     assert report.model.get_submodule("b").weight.shape[1] == 4
     assert max_rel_err(report.model(x), model(x)) <= 1e-10
-    assert model.a.weight.shape[0] == 6                           # original untouched
+    assert model.a.weight.shape[0] == 6  # original untouched
 
 
 def test_residual_groups_are_refused():
     from .nets import CifarResNet
+
     model = CifarResNet().eval()
     with torch.no_grad():
         for m in model.modules():

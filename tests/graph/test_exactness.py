@@ -1,4 +1,5 @@
 """Removing channels that a BatchNorm silences (gamma = beta = 0) leaves the function unchanged."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,9 +28,18 @@ class RandomNet(nn.Module):
         for s in spec:
             cout = s["cout"] if not s["residual"] else c
             groups = s["groups"] if c % s["groups"] == 0 and cout % s["groups"] == 0 else 1
-            self.convs.append(nn.Conv2d(c, cout, s["k"], s["stride"] if not s["residual"] else 1,
-                                        s["padding"] if not s["residual"] else s["dilation"] * (s["k"] // 2),
-                                        dilation=s["dilation"], groups=groups, bias=s["bias"]))
+            self.convs.append(
+                nn.Conv2d(
+                    c,
+                    cout,
+                    s["k"],
+                    s["stride"] if not s["residual"] else 1,
+                    s["padding"] if not s["residual"] else s["dilation"] * (s["k"] // 2),
+                    dilation=s["dilation"],
+                    groups=groups,
+                    bias=s["bias"],
+                )
+            )
             self.bns.append(nn.BatchNorm2d(cout))
             c = cout + (c if s["concat"] and not s["residual"] else 0)
         self.head = nn.Conv2d(c, 2, 1)
@@ -46,10 +56,19 @@ class RandomNet(nn.Module):
         return self.head(x).mean((2, 3))
 
 
-block = st.fixed_dictionaries(dict(
-    cout=st.integers(2, 6), k=st.sampled_from([1, 3]), stride=st.integers(1, 2), padding=st.integers(0, 1),
-    dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), bias=st.booleans(), residual=st.booleans(),
-    concat=st.booleans()))
+block = st.fixed_dictionaries(
+    dict(
+        cout=st.integers(2, 6),
+        k=st.sampled_from([1, 3]),
+        stride=st.integers(1, 2),
+        padding=st.integers(0, 1),
+        dilation=st.integers(1, 2),
+        groups=st.sampled_from([1, 2]),
+        bias=st.booleans(),
+        residual=st.booleans(),
+        concat=st.booleans(),
+    )
+)
 
 
 def _build(spec: list[dict], hw: int) -> nn.Module:
@@ -110,8 +129,15 @@ def test_tensors_that_reach_ops_through_get_attr_shrink_with_their_channels(seed
     graph = trace(model, x)
     (group,) = [g for g in graph.groups if any(p.module == "stem" for p in g.producers)]
     names = {m.name for m in group.members}
-    assert {"stem_bn.running_mean", "stem_bn.running_var", "stem_bn.weight", "bn.bias", "gamma",
-            "conv.weight", "head.weight"} <= names and group.prunable
+    assert {
+        "stem_bn.running_mean",
+        "stem_bn.running_var",
+        "stem_bn.weight",
+        "bn.bias",
+        "gamma",
+        "conv.weight",
+        "head.weight",
+    } <= names and group.prunable
     drop = np.random.default_rng(seed).choice(group.size, 2, replace=False).tolist()
     with torch.no_grad():  # silence the dropped channels at both norms: the residual stream carries zeros
         for bn in (model.stem_bn, model.bn):

@@ -1,5 +1,6 @@
 """The torch.export front end: the same channel groups and MACs as torch.fx wherever both trace, the same
 pruned function, and the fallback for programs torch.fx cannot trace symbolically."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,9 +28,11 @@ def matched_ids(a, b) -> dict[int, int]:
     return {g.id: pool[signature(g)].pop(0) for g in a.groups}
 
 
-CASES = {**{name: (lambda cls=cls: cls(), shape) for name, (cls, shape) in TRICKY.items()},
-         "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (1, 3, 32, 32)),
-         "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), (1, 3, 32, 32))}
+CASES = {
+    **{name: (lambda cls=cls: cls(), shape) for name, (cls, shape) in TRICKY.items()},
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (1, 3, 32, 32)),
+    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), (1, 3, 32, 32)),
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -50,7 +53,9 @@ def test_export_finds_the_groups_and_macs_of_fx_and_prunes_to_the_same_function(
     ids = matched_ids(fx_graph, ex_graph)
     small_fx = prune(model, x, keep, graph=fx_graph)
     small_ex = prune(model, x, {ids[g]: k for g, k in keep.items()}, graph=ex_graph)
-    assert ex_graph.macs({ids[g]: len(k) for g, k in keep.items()}) == fx_graph.macs({g: len(k) for g, k in keep.items()})
+    assert ex_graph.macs({ids[g]: len(k) for g, k in keep.items()}) == fx_graph.macs(
+        {g: len(k) for g, k in keep.items()}
+    )
     assert max_rel_err(small_ex(x), small_fx(x)) <= 1e-10
 
 

@@ -1,4 +1,5 @@
 """The MACs model agrees with torch.utils.flop_counter and predicts pruned costs without surgery."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,7 @@ from .nets import TRICKY
 
 
 def counted_macs(model, x) -> int:
-    with FlopCounterMode(display=False) as counter:   # grad on: fused no-grad fast paths hide their MACs
+    with FlopCounterMode(display=False) as counter:  # grad on: fused no-grad fast paths hide their MACs
         model(x)
     return counter.get_total_flops() // 2
 
@@ -33,6 +34,7 @@ def test_widths_predict_counts_of_the_pruned_model(name):
     from reparam.graph import prune
 
     from .helpers import random_keep
+
     cls, shape = TRICKY[name]
     model, x = cls().eval(), torch.randn(shape)
     g = trace(model, x)

@@ -1,4 +1,5 @@
 """Group discovery: which channels are coupled, who produces them, and why a group is fixed."""
+
 from __future__ import annotations
 
 import networkx as nx
@@ -51,8 +52,9 @@ def test_inputs_and_outputs_are_fixed_with_reasons():
 
 def test_groups_are_deterministic_and_ordered():
     a, b = _trace("concat_residual")[2], _trace("concat_residual")[2]
-    assert [(g.id, g.size, tuple(p.module for p in g.producers)) for g in a.groups] == \
-           [(g.id, g.size, tuple(p.module for p in g.producers)) for g in b.groups]
+    assert [(g.id, g.size, tuple(p.module for p in g.producers)) for g in a.groups] == [
+        (g.id, g.size, tuple(p.module for p in g.producers)) for g in b.groups
+    ]
     assert [g.id for g in a.groups] == list(range(len(a.groups)))
 
 
@@ -106,9 +108,9 @@ def test_flatten_linear_expands_each_channel_to_its_spatial_columns():
 def test_attention_heads_prune_head_width_uniformly():
     _, _, g = _trace("transformer")
     head = g.group_of("blocks.0.attn.qkv")
-    assert head.prunable and head.size == 8              # 16 wide / 2 heads
+    assert head.prunable and head.size == 8  # 16 wide / 2 heads
     qkv_rows = head.producers[0].member
-    assert len(qkv_rows.positions) == 48                  # q, k, v of both heads
+    assert len(qkv_rows.positions) == 48  # q, k, v of both heads
     resid = g.group_of("embed")
     assert resid.prunable and _producers(resid) >= {"embed", "blocks.0.attn.proj", "blocks.1.fc2"}
     assert g.group_of("blocks.0.fc1").size == 24
@@ -167,5 +169,5 @@ def test_multiple_inputs_and_outputs():
 
     g = trace(Two(), (torch.randn(1, 3, 4, 4), torch.randn(1, 2, 4, 4)))
     assert _producers(g.group_of("a")) == {"a", "b"}
-    assert g.group_of("a").prunable          # h.mean() reduces every dim: the scalar output pins nothing
+    assert g.group_of("a").prunable  # h.mean() reduces every dim: the scalar output pins nothing
     assert not g.group_of("c").prunable

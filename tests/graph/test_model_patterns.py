@@ -1,5 +1,6 @@
 """Patterns of real-world models (timm) that once broke the graph: token-mixing MLPs over a conv's spatial
 positions, head sizes computed from a pruned tensor's shape, slices whose bounds are computed at run time."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,10 @@ class TokenMixer(nn.Module):
     def __init__(self, dim: int = 8, tokens: int = 9):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 2, 2)
-        self.tokens, self.channels = nn.Sequential(nn.Linear(tokens, 12), nn.GELU(), nn.Linear(12, tokens)), \
-            nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, dim))
+        self.tokens, self.channels = (
+            nn.Sequential(nn.Linear(tokens, 12), nn.GELU(), nn.Linear(12, tokens)),
+            nn.Sequential(nn.Linear(dim, 16), nn.GELU(), nn.Linear(16, dim)),
+        )
         self.head = nn.Linear(dim, 3)
 
     def forward(self, x):
@@ -62,8 +65,10 @@ class RunTimeSlice(nn.Module):
         return self.head(self.b(y[:, : y.shape[1] // 2])).mean((2, 3))
 
 
-@pytest.mark.parametrize("cls, shape", [(TokenMixer, (2, 3, 6, 6)), (ComputedHeads, (2, 4, 5)),
-                                        (RunTimeSlice, (2, 3, 5, 5)), (CachedBias, (2, 3, 3, 3))])
+@pytest.mark.parametrize(
+    "cls, shape",
+    [(TokenMixer, (2, 3, 6, 6)), (ComputedHeads, (2, 4, 5)), (RunTimeSlice, (2, 3, 5, 5)), (CachedBias, (2, 3, 3, 3))],
+)
 def test_pruned_model_runs_with_the_predicted_shapes(cls, shape):
     torch.manual_seed(0)
     model = cls().eval()

@@ -1,5 +1,6 @@
 """F.pad: a channel dim padded with zeros maps input channel k to output channel before + k, its pad
 channels are prunable zeros (surgery shrinks the pad), and what cannot be exact is fixed with a reason."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,10 +34,10 @@ def test_option_a_groups_map_input_channel_k_to_before_plus_k():
     assert stream.prunable and stream.size == 4
     assert {p.module for p in stream.producers} == {"stem.0", "b.0"}
     rows, chans = _rows(g, stream, "b.0")
-    assert rows == [2, 3, 4, 5] and chans == [0, 1, 2, 3]       # stem channel k is block channel 2 + k
+    assert rows == [2, 3, 4, 5] and chans == [0, 1, 2, 3]  # stem channel k is block channel 2 + k
     pads = [gr for gr in g.groups_of("b.0") if gr is not stream]
     assert len(pads) == 1 and pads[0].prunable and pads[0].size == 5
-    assert _rows(g, pads[0], "b.0")[0] == [0, 1, 6, 7, 8]       # the zero channels, owned by the branch alone
+    assert _rows(g, pads[0], "b.0")[0] == [0, 1, 6, 7, 8]  # the zero channels, owned by the branch alone
     assert [p.module for p in pads[0].producers] == ["b.0"]
 
 
@@ -47,17 +48,21 @@ def test_option_a_random_keep_sets_shrink_the_pad(seed):
     g = trace(model, x)
     stream, pad = g.group_of("stem.0"), next(gr for gr in g.groups_of("b.0") if gr.size == 5)
     keep = random_keep(g, [0.3, 0.5, 0.7, 0.9][seed], np.random.default_rng(seed))
-    keep[pad.id] = [0, 4] if seed % 2 else [2, 3]               # drop pad channels on one or both sides
+    keep[pad.id] = [0, 4] if seed % 2 else [2, 3]  # drop pad channels on one or both sides
     small = prune(model, x, keep, graph=g)
     assert small(x).shape == model(x).shape
     before, after = (1, 1) if seed % 2 else (0, 2)
-    assert _pad_args(small) == [(0, 0, 0, 0, before, after), (1, 0, 0, 1)]   # spatial pad untouched
+    assert _pad_args(small) == [(0, 0, 0, 0, before, after), (1, 0, 0, 1)]  # spatial pad untouched
     assert small.get_submodule("b.0").out_channels == len(keep.get(stream.id, range(4))) + 2
 
 
 @settings(max_examples=max(10, settings.default.max_examples // 4))
-@given(width=st.integers(2, 5), pads=st.tuples(st.integers(-1, 3), st.integers(-1, 3)),
-       spatial=st.tuples(*[st.integers(0, 2)] * 4), seed=st.integers(0, 2**16))
+@given(
+    width=st.integers(2, 5),
+    pads=st.tuples(st.integers(-1, 3), st.integers(-1, 3)),
+    spatial=st.tuples(*[st.integers(0, 2)] * 4),
+    seed=st.integers(0, 2**16),
+)
 def test_option_a_exact_float64(width, pads, spatial, seed):
     if width + min(pads[0], 0) + min(pads[1], 0) < 1 or width + sum(pads) < 2:
         return
@@ -82,7 +87,7 @@ def test_real_option_a_resnet20_float64():
     randomize_bn(model, gen)
     x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
     g = trace(model, x)
-    assert [gr.id for gr in g.groups if not gr.prunable] == [0, len(g.groups) - 1]   # the input and the logits
+    assert [gr.id for gr in g.groups if not gr.prunable] == [0, len(g.groups) - 1]  # the input and the logits
     # the stage-1 stream runs through every stage; each pad adds a stream group of its own zeros
     s1, s2, s3 = (g.group_of(f"layer{i}.2.conv2") for i in (1, 2, 3))
     assert (s1.size, s2.size, s3.size) == (16, 16, 32)
@@ -172,8 +177,16 @@ def test_computed_channel_pad_is_fixed():
     assert not gr.prunable and "is computed" in gr.reason
 
 
-@pytest.mark.parametrize("pad", [nn.ZeroPad2d((1, 0, 2, 1)), nn.ReflectionPad2d(1), nn.ReplicationPad2d((0, 1, 1, 0)),
-                                 nn.ConstantPad2d((1, 1, 0, 2), 0.0), nn.CircularPad2d(1)])
+@pytest.mark.parametrize(
+    "pad",
+    [
+        nn.ZeroPad2d((1, 0, 2, 1)),
+        nn.ReflectionPad2d(1),
+        nn.ReplicationPad2d((0, 1, 1, 0)),
+        nn.ConstantPad2d((1, 1, 0, 2), 0.0),
+        nn.CircularPad2d(1),
+    ],
+)
 def test_pad_modules_pass_channels_and_prune_exactly(pad):
     """A pad module on the spatial dims leaves the channels coupled conv → pad → PReLU(C) → conv, and
     pruning zeroed channels through it (PReLU slopes shrink with them) is exact."""

@@ -1,4 +1,5 @@
 """Pruned models round-trip through a JSON channel plan plus a weights-only state_dict."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def test_save_load_roundtrip_twice_pruned(tmp_path, cls, shape, monkeypatch):
     twice = prune(once, x, random_keep(g2, 0.6, np.random.default_rng(1)), graph=g2)
     with torch.no_grad():
         for p in twice.parameters():
-            p.add_(0.01)                         # weights trained after pruning are what gets saved
+            p.add_(0.01)  # weights trained after pruning are what gets saved
     save_pruned(twice, tmp_path / "m")
     plan = json.loads((tmp_path / "m" / "plan.json").read_text())
     assert plan["format"].startswith("reparam.graph.plan") and len(plan["stages"]) == 2

@@ -1,4 +1,5 @@
 """Surgery: pruned models run, shrink as predicted, keep module names; bad keep-sets are refused."""
+
 from __future__ import annotations
 
 import copy
@@ -53,7 +54,7 @@ def test_pruned_rows_are_the_kept_rows():
     conv = small.get_submodule("layer1.0.a.0")
     assert (conv.out_channels, small.get_submodule("layer1.0.a.1").num_features) == (3, 3)
     stage = g.group_of("stem.0")
-    small = prune(model, x, {stage: [0, 2]})       # a ChannelGroup works as a key as well
+    small = prune(model, x, {stage: [0, 2]})  # a ChannelGroup works as a key as well
     assert small.get_submodule("layer1.1.b.1").running_mean.shape == (2,)
 
 
@@ -88,7 +89,7 @@ def test_refuses_fixed_groups_bad_indices_and_multiples():
         prune(model, x, {grp.id: [0, 0, 1, 2]}, graph=g)
     with pytest.raises(PruneError, match="no channel group"):
         prune(model, x, {999: [0]}, graph=g)
-    full = prune(model, x, {out.id: range(out.size)}, graph=g)       # keeping everything is always fine
+    full = prune(model, x, {out.id: range(out.size)}, graph=g)  # keeping everything is always fine
     assert full(x).shape == (1, 5)
 
 

@@ -1,5 +1,6 @@
 """`reparam.graph.register_rule`: a custom layer the graph cannot see through becomes prunable once it is
 taught how its channels flow, and the pruned model is exact."""
+
 from __future__ import annotations
 
 import numpy as np

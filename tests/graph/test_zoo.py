@@ -2,6 +2,7 @@
 
 The default suite runs a representative handful; `make test-slow` runs the whole zoo.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,13 +16,22 @@ from reparam.graph import prune, trace
 from .helpers import bn_groups, max_rel_err, random_keep, randomize_bn, zero_channels
 
 ALL = torchvision.models.list_models(module=torchvision.models)
-FAST = {"resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "squeezenet1_1", "efficientnet_b0", "regnet_x_400mf",
-        "googlenet", "swin_t", "vit_b_32"}
+FAST = {
+    "resnet18",
+    "mobilenet_v2",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_1",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "googlenet",
+    "swin_t",
+    "vit_b_32",
+}
 
 
 def make(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """Random-init model and the smallest convenient input it accepts."""
-    if name == "densenet_small":        # torchvision's DenseNet class at a small configuration
+    if name == "densenet_small":  # torchvision's DenseNet class at a small configuration
         torch.manual_seed(0)
         net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3, 2), num_init_features=16, num_classes=10)
         return net.eval(), torch.randn(1, 3, 32, 32)
@@ -41,7 +51,7 @@ def make(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def counted_macs(model, x) -> int:
-    with FlopCounterMode(display=False) as counter:   # grad on: fused no-grad fast paths hide their MACs
+    with FlopCounterMode(display=False) as counter:  # grad on: fused no-grad fast paths hide their MACs
         model(x)
     return counter.get_total_flops() // 2
 

@@ -1,17 +1,18 @@
 """The algebra is one set of functions over numpy and torch: same numbers on both, torch keeps
 dtype/device, and gradients flow through every merge (online re-parameterisation)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reparam import ops
 from reparam.ops import ConvGeometry, NormStats, conv_nd
+from reparam.testing import bn_stats, conv_layers, random_tensor, small_inputs, tensors
 from reparam.verify import relative_error
-
-from .strategies import bn_stats, conv_layers, random_tensor, small_inputs, tensors
 
 G3 = ConvGeometry.create(3, padding=1, groups=2)
 G1 = ConvGeometry.create(1, padding=0, groups=2)
@@ -27,7 +28,9 @@ def _stats(t, n) -> NormStats:
 CASES = {
     "fuse_bn": lambda t, d: ops.fuse_bn(t(d["k3"]), t(d["b4"]), _stats(t, d)),
     "fuse_bn_transposed": lambda t, d: ops.fuse_bn_transposed(t(d["k3"]), t(d["b4"]), _stats(t, d), 2),
-    "fuse_pre_bn": lambda t, d: ops.fuse_pre_bn(t(d["k3"]), t(d["b4"]), _stats(t, d), G3.replace(padding_mode="reflect")),
+    "fuse_pre_bn": lambda t, d: ops.fuse_pre_bn(
+        t(d["k3"]), t(d["b4"]), _stats(t, d), G3.replace(padding_mode="reflect")
+    ),
     "fuse_pre_bn_linear": lambda t, d: ops.fuse_pre_bn(t(d["w"]), None, _stats(t, d), None),
     "bn_scale_shift": lambda t, d: ops.bn_scale_shift(_stats(t, d)),
     "compose_affine": lambda t, d: ops.compose_affine(t(d["mean"]), t(d["var"]), t(d["weight"]), t(d["bias"])),
@@ -37,18 +40,27 @@ CASES = {
     "fold_norm_affine": lambda t, d: ops.fold_norm_affine(t(d["w"]), t(d["b4"]), t(d["mean"]), t(d["bias"])),
     "add_branches": lambda t, d: ops.add_branches((t(d["k3"]), None), (t(d["k3"]), t(d["b4"]))),
     "embed_kernel": lambda t, d: ops.embed_kernel(t(d["k1"]), G1.replace(padding=((0, 0), (0, 0))), G3),
-    "embed_dilated": lambda t, d: ops.embed_kernel(t(d["k3"]), G_DIL, G3.replace(kernel_size=(5, 5), padding=((2, 2), (2, 2)))),
+    "embed_dilated": lambda t, d: ops.embed_kernel(
+        t(d["k3"]), G_DIL, G3.replace(kernel_size=(5, 5), padding=((2, 2), (2, 2)))
+    ),
     "dilate_kernel": lambda t, d: ops.dilate_kernel(t(d["k3"]), (2, 3)),
     "identity_kernel": lambda t, d: ops.identity_kernel(4, 2, G_STRIDE, like=t(d["k3"])),
     "avg_pool_kernel": lambda t, d: ops.avg_pool_kernel(4, 2, (3, 2), like=t(d["k3"])),
     "dirac_plus": lambda t, d: ops.dirac_plus(t(d["k3"]), 2),
-    "compose": lambda t, d: ops.compose(t(d["k3"]), t(d["b4"]), G_STRIDE.replace(kernel_size=(3, 3), padding=((1, 1), (1, 1))),
-                                        t(d["k3"]), t(d["b4"]), G_DIL.replace(padding=((0, 0), (0, 0))))[:2],
+    "compose": lambda t, d: ops.compose(
+        t(d["k3"]),
+        t(d["b4"]),
+        G_STRIDE.replace(kernel_size=(3, 3), padding=((1, 1), (1, 1))),
+        t(d["k3"]),
+        t(d["b4"]),
+        G_DIL.replace(padding=((0, 0), (0, 0))),
+    )[:2],
     "compose_1x1_kxk": lambda t, d: ops.compose_1x1_kxk(t(d["k1"]), t(d["b4"]), t(d["k3"]), None, 2, 2),
     "compose_kxk_1x1": lambda t, d: ops.compose_kxk_1x1(t(d["k3"]), t(d["b4"]), t(d["k1"]), t(d["b4"]), 2, 2),
     "compose_linear": lambda t, d: ops.compose_linear(t(d["w"]), None, t(d["w"]), t(d["b4"])),
     "compose_depthwise_pointwise": lambda t, d: ops.compose_depthwise_pointwise(
-        t(d["dw"]), t(d["b4"]), t(d["w"]).reshape(4, 4, 1, 1), None, 4, 1),
+        t(d["dw"]), t(d["b4"]), t(d["w"]).reshape(4, 4, 1, 1), None, 4, 1
+    ),
     "pad_value_for_1x1_bias": lambda t, d: ops.pad_value_for_1x1_bias(t(d["b4"]), _stats(t, d)),
     "concat_out": lambda t, d: ops.concat_out((t(d["k3"]), None), (t(d["k3"]), t(d["b4"]))),
     "split_in": lambda t, d: ops.split_in(t(d["k3"]), [1, 3], 2),
@@ -65,8 +77,17 @@ CASES = {
 
 
 def _case_tensors(seed: int) -> dict[str, torch.Tensor]:
-    shapes = {"k3": (4, 2, 3, 3), "k1": (4, 2, 1, 1), "dw": (4, 1, 3, 3), "w": (4, 4), "b4": (4,),
-              "mean": (4,), "weight": (4,), "bias": (4,), "var": (4,)}
+    shapes = {
+        "k3": (4, 2, 3, 3),
+        "k1": (4, 2, 1, 1),
+        "dw": (4, 1, 3, 3),
+        "w": (4, 4),
+        "b4": (4,),
+        "mean": (4,),
+        "weight": (4,),
+        "bias": (4,),
+        "var": (4,),
+    }
     d = {name: random_tensor(shape, seed + i) for i, (name, shape) in enumerate(shapes.items())}
     d["var"] = d["var"].exp()
     return d
@@ -87,8 +108,15 @@ def test_every_algebra_function_has_a_backend_case():
     from reparam.ops import branches, concat, linear, norm, sequential, slicing
 
     exported = {name for module in (branches, concat, linear, norm, sequential, slicing) for name in module.__all__}
-    not_array_functions = {"NormStats", "conv_to_fc", "check_avg_pool_mergeable", "composed_groups",
-                           "matching_group_channels", "embed_offset", "shift_to_bias"}
+    not_array_functions = {
+        "NormStats",
+        "conv_to_fc",
+        "check_avg_pool_mergeable",
+        "composed_groups",
+        "matching_group_channels",
+        "embed_offset",
+        "shift_to_bias",
+    }
     covered = set(CASES) | {"fuse_pre_bn"}
     assert exported - not_array_functions <= covered, exported - not_array_functions - covered
 
@@ -122,8 +150,15 @@ def _online_kernel(k3, k1, gamma, beta, scale, mean, var):
 
 def test_gradients_flow_through_a_merge():
     torch.manual_seed(0)
-    args = (torch.randn(4, 2, 3, 3), torch.randn(4, 2, 1, 1), torch.randn(4), torch.randn(4), torch.randn(4),
-            torch.randn(4), torch.rand(4) + 0.5)
+    args = (
+        torch.randn(4, 2, 3, 3),
+        torch.randn(4, 2, 1, 1),
+        torch.randn(4),
+        torch.randn(4),
+        torch.randn(4),
+        torch.randn(4),
+        torch.rand(4) + 0.5,
+    )
     args = tuple(a.double().requires_grad_() for a in args)
     assert torch.autograd.gradcheck(_online_kernel, args, fast_mode=True)
 
@@ -134,9 +169,14 @@ def test_autograd_matches_the_unmerged_branches(data):
     g, k, b = data.draw(conv_layers(bias=True, padding="centred"))
     g = g.replace(stride=(1,) * g.ndim)
     k1 = data.draw(tensors((k.shape[0], k.shape[1]) + (1,) * g.ndim))
-    src = g.replace(kernel_size=(1,) * g.ndim, dilation=(1,) * g.ndim,
-                    padding=tuple((pb - d * ((kk - 1) // 2), pa - d * (kk - 1 - (kk - 1) // 2))
-                                  for (pb, pa), d, kk in zip(g.padding, g.dilation, g.kernel_size)))
+    src = g.replace(
+        kernel_size=(1,) * g.ndim,
+        dilation=(1,) * g.ndim,
+        padding=tuple(
+            (pb - d * ((kk - 1) // 2), pa - d * (kk - 1 - (kk - 1) // 2))
+            for (pb, pa), d, kk in zip(g.padding, g.dilation, g.kernel_size)
+        ),
+    )
     x = data.draw(small_inputs(k.shape[1] * g.groups, g))
     k, k1 = k.requires_grad_(), k1.requires_grad_()
     (conv_nd(x, k, b, g) + conv_nd(x, k1, None, src)).square().sum().backward()
@@ -154,7 +194,9 @@ def test_float32_merge_within_tolerance(data):
     g, k, b = data.draw(conv_layers(dtype=torch.float32))
     stats = data.draw(bn_stats(k.shape[0], dtype=torch.float32))
     x = data.draw(small_inputs(k.shape[1] * g.groups, g, dtype=torch.float32))
-    ident_ok = g.padding == tuple((d * ((kk - 1) // 2), d * (kk - 1 - (kk - 1) // 2)) for kk, d in zip(g.kernel_size, g.dilation))
+    ident_ok = g.padding == tuple(
+        (d * ((kk - 1) // 2), d * (kk - 1 - (kk - 1) // 2)) for kk, d in zip(g.kernel_size, g.dilation)
+    )
     km, bm = ops.fuse_bn(k, b, stats)
     assert km.dtype == bm.dtype == torch.float32
     d64 = lambda v: None if v is None else v.double()  # noqa: E731
@@ -173,7 +215,12 @@ def test_cuda_inputs_stay_on_device():
     dev = torch.device("cuda")
     k = torch.randn(4, 2, 3, 3, device=dev, dtype=torch.float64)
     stats = NormStats(*(torch.rand(4, device=dev, dtype=torch.float64) + 0.1 for _ in range(4)), 1e-5)
-    for out in (ops.fuse_bn(k, None, stats)[0], ops.identity_kernel(4, 2, G3, like=k), ops.dirac_plus(k[:, :, :1, :1], 2),
-                ops.compose(k, None, G3, k, None, G3.replace(padding=((0, 0), (0, 0))))[0],
-                ops.select_in(k, [0, 2], 2)[0], ops.avg_pool_kernel(4, 2, (3, 3), like=k)):
+    for out in (
+        ops.fuse_bn(k, None, stats)[0],
+        ops.identity_kernel(4, 2, G3, like=k),
+        ops.dirac_plus(k[:, :, :1, :1], 2),
+        ops.compose(k, None, G3, k, None, G3.replace(padding=((0, 0), (0, 0))))[0],
+        ops.select_in(k, [0, 2], 2)[0],
+        ops.avg_pool_kernel(4, 2, (3, 3), like=k),
+    ):
         assert out.device.type == "cuda" and out.dtype == torch.float64

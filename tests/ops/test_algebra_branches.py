@@ -1,9 +1,11 @@
 """B1–B4, D1, D2, D5: parallel branches summed into one kernel; identity and pooling as kernels."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from reparam.ops import (
@@ -18,9 +20,8 @@ from reparam.ops import (
     embed_kernel,
     identity_kernel,
 )
+from reparam.testing import conv_geometries, conv_layers, divisors, small_inputs, tensors
 from reparam.verify import relative_error
-
-from .strategies import conv_geometries, conv_layers, divisors, small_inputs, tensors
 
 TOL = 1e-10
 
@@ -139,8 +140,11 @@ def test_avg_pool_as_conv(data):
     stride = tuple(data.draw(st.integers(1, 3)) for _ in range(n))
     padding = tuple(data.draw(st.integers(0, ki // 2)) for ki in k)
     pool = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[n](
-        k if n > 1 else k[0], stride if n > 1 else stride[0], padding if n > 1 else padding[0],
-        count_include_pad=any(padding) or data.draw(st.booleans()))
+        k if n > 1 else k[0],
+        stride if n > 1 else stride[0],
+        padding if n > 1 else padding[0],
+        count_include_pad=any(padding) or data.draw(st.booleans()),
+    )
     groups = data.draw(st.sampled_from(divisors(c)))
     g = check_avg_pool_mergeable(pool, groups=groups)
     x = data.draw(small_inputs(c, min_size=g.kernel_size))  # torch pools need the window inside the input
@@ -148,12 +152,15 @@ def test_avg_pool_as_conv(data):
     assert relative_error(pool(x), conv_nd(x, kernel, None, g)) <= TOL
 
 
-@pytest.mark.parametrize("pool, match", [
-    (nn.AvgPool2d(3, 1, 1, count_include_pad=False), "count_include_pad"),
-    (nn.AvgPool2d(3, 2, ceil_mode=True), "ceil_mode"),
-    (nn.AvgPool2d(2, divisor_override=3), "divisor_override"),
-    (nn.MaxPool2d(2), "not an AvgPool"),
-])
+@pytest.mark.parametrize(
+    "pool, match",
+    [
+        (nn.AvgPool2d(3, 1, 1, count_include_pad=False), "count_include_pad"),
+        (nn.AvgPool2d(3, 2, ceil_mode=True), "ceil_mode"),
+        (nn.AvgPool2d(2, divisor_override=3), "divisor_override"),
+        (nn.MaxPool2d(2), "not an AvgPool"),
+    ],
+)
 def test_avg_pool_refusals(pool, match):
     with pytest.raises(MergeError, match=match):
         check_avg_pool_mergeable(pool, name="stem.pool")
@@ -170,8 +177,15 @@ def test_avg_pool_exclude_pad_really_differs():
 @torch.no_grad()
 def test_dirac_plus_adds_the_input(data):
     c = data.draw(st.integers(1, 6))
-    g = data.draw(conv_geometries(in_channels=c, out_channels=c, padding="centred", max_stride=1,
-                                  kernel_size=data.draw(st.sampled_from([(1, 1), (3, 1), (1,), (3, 3, 1)]))))
+    g = data.draw(
+        conv_geometries(
+            in_channels=c,
+            out_channels=c,
+            padding="centred",
+            max_stride=1,
+            kernel_size=data.draw(st.sampled_from([(1, 1), (3, 1), (1,), (3, 3, 1)])),
+        )
+    )
     k = data.draw(tensors((c, c // g.groups) + g.kernel_size))
     x = data.draw(small_inputs(c, g))
     assert relative_error(conv_nd(x, k, None, g) + x, conv_nd(x, dirac_plus(k, g.groups), None, g)) <= TOL

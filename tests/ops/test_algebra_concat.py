@@ -1,14 +1,15 @@
 """E1, E2: concatenated outputs stack kernel rows; a conv over a concatenation splits its columns."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reparam.ops import MergeError, concat_out, conv_nd, split_in, ungroup_kernel
+from reparam.testing import conv_layers, divisors, small_inputs, tensors
 from reparam.verify import relative_error
-
-from .strategies import conv_layers, divisors, small_inputs, tensors
 
 TOL = 1e-10
 
@@ -33,7 +34,10 @@ def test_ungroup_kernel_keeps_the_conv(data):
     g, k, b = data.draw(conv_layers(max_channels=6))
     new = data.draw(st.sampled_from(divisors(g.groups)))
     x = data.draw(small_inputs(k.shape[1] * g.groups, g))
-    assert relative_error(conv_nd(x, k, b, g), conv_nd(x, ungroup_kernel(k, g.groups, new), b, g.replace(groups=new))) <= TOL
+    assert (
+        relative_error(conv_nd(x, k, b, g), conv_nd(x, ungroup_kernel(k, g.groups, new), b, g.replace(groups=new)))
+        <= TOL
+    )
 
 
 @given(st.data())

@@ -1,15 +1,16 @@
 """ConvGeometry: reading nn.Conv modules, building them back, output sizes, `conv_nd`."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from torch import nn
 
 from reparam.ops import AsymmetricPadConv, ConvGeometry, MergeError, conv_nd
+from reparam.testing import PADDING_MODES, conv_geometries, divisors, small_inputs, tensors
 from reparam.verify import relative_error
-
-from .strategies import PADDING_MODES, conv_geometries, divisors, small_inputs, tensors
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -26,8 +27,12 @@ def test_from_module_reads_every_padding_form(data):
     d = tuple(data.draw(st.integers(1, 3)) for _ in range(n))
     form = data.draw(st.sampled_from(["int", "tuple", "same", "valid"]))
     stride = 1 if form == "same" else tuple(data.draw(st.integers(1, 3)) for _ in range(n))
-    padding = {"int": data.draw(st.integers(0, 3)), "tuple": tuple(data.draw(st.integers(0, 3)) for _ in range(n)),
-               "same": "same", "valid": "valid"}[form]
+    padding = {
+        "int": data.draw(st.integers(0, 3)),
+        "tuple": tuple(data.draw(st.integers(0, 3)) for _ in range(n)),
+        "same": "same",
+        "valid": "valid",
+    }[form]
     mode = data.draw(st.sampled_from(PADDING_MODES))
     conv = CONV[n](cin, cout, k, stride, padding, d, groups, data.draw(st.booleans()), mode, dtype=torch.float64)
     g = ConvGeometry.from_module(conv)

@@ -1,10 +1,12 @@
 """F1–F4: linear layers as 1x1 convs, convs on a fixed input as linear layers, BN after such an FC."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reparam.ops import (
     ConvGeometry,
@@ -17,9 +19,8 @@ from reparam.ops import (
     linear_to_conv,
     repeat_norm_for_fc,
 )
+from reparam.testing import bn_module, bn_stats, conv_layers, small_inputs, tensors
 from reparam.verify import relative_error
-
-from .strategies import bn_module, bn_stats, conv_layers, small_inputs, tensors
 
 TOL = 1e-10
 

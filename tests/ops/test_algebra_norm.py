@@ -1,10 +1,12 @@
 """A1–A7: folding batch norms and per-channel affines into convolutions and linear layers."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -23,9 +25,8 @@ from reparam.ops import (
     scale_in,
     scale_out,
 )
+from reparam.testing import bn_module, bn_stats, conv_layers, divisors, small_inputs, tensors
 from reparam.verify import relative_error
-
-from .strategies import bn_module, bn_stats, conv_layers, divisors, small_inputs, tensors
 
 TOL = 1e-10
 
@@ -60,7 +61,8 @@ def test_fuse_bn_transposed_with_groups(data):
     k = tuple(data.draw(st.integers(1, 4)) for _ in range(n))
     s = tuple(data.draw(st.integers(1, 3)) for _ in range(n))
     conv = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[n](
-        cin, cout, k, s, groups=groups, bias=data.draw(st.booleans()), dtype=torch.float64)
+        cin, cout, k, s, groups=groups, bias=data.draw(st.booleans()), dtype=torch.float64
+    )
     g = ConvGeometry.from_module(conv)
     stats = data.draw(bn_stats(cout))
     x = data.draw(tensors((2, cin) + tuple(data.draw(st.integers(1, 3)) for _ in range(n))))
@@ -140,7 +142,9 @@ def test_scale_out_and_scale_in(data):
     view = (1, -1) + (1,) * g.ndim
     k2, b2 = scale_out(k, b, a_out)
     assert relative_error(a_out.reshape(view) * conv_nd(x, k, b, g), conv_nd(x, k2, b2, g)) <= TOL
-    assert relative_error(conv_nd(a_in.reshape(view) * x, k, b, g), conv_nd(x, scale_in(k, a_in, g.groups), b, g)) <= TOL
+    assert (
+        relative_error(conv_nd(a_in.reshape(view) * x, k, b, g), conv_nd(x, scale_in(k, a_in, g.groups), b, g)) <= TOL
+    )
 
 
 @given(st.data())
@@ -193,17 +197,25 @@ def _filled(bn: nn.Module, c: int) -> nn.Module:
     return bn.eval()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: nn.BatchNorm1d(3), lambda: nn.BatchNorm2d(3), lambda: nn.BatchNorm3d(3), lambda: nn.SyncBatchNorm(3),
-    lambda: nn.BatchNorm2d(3, affine=False), lambda: FrozenBatchNorm2d(3, eps=1e-3),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.BatchNorm1d(3),
+        lambda: nn.BatchNorm2d(3),
+        lambda: nn.BatchNorm3d(3),
+        lambda: nn.SyncBatchNorm(3),
+        lambda: nn.BatchNorm2d(3, affine=False),
+        lambda: FrozenBatchNorm2d(3, eps=1e-3),
+    ],
+)
 @torch.no_grad()
 def test_norm_stats_from_every_batch_norm(make):
     bn = _filled(make(), 3)
     s, t = bn_scale_shift(NormStats.from_module(bn))
     x = torch.randn(2, 3, 2, 2)
-    ref = F.batch_norm(x, bn.running_mean, bn.running_var, getattr(bn, "weight", None), getattr(bn, "bias", None),
-                       False, 0.0, bn.eps)
+    ref = F.batch_norm(
+        x, bn.running_mean, bn.running_var, getattr(bn, "weight", None), getattr(bn, "bias", None), False, 0.0, bn.eps
+    )
     assert relative_error(ref, s[:, None, None] * x + t[:, None, None]) <= 1e-6
     if isinstance(bn, (nn.BatchNorm2d, FrozenBatchNorm2d)):
         assert relative_error(bn(x), ref) <= 1e-6

@@ -1,4 +1,5 @@
 """C1–C6: convolutions and linear layers in sequence composed into one."""
+
 from __future__ import annotations
 
 import math
@@ -6,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reparam.ops import (
     ConvGeometry,
@@ -20,9 +22,8 @@ from reparam.ops import (
     fuse_bn,
     pad_value_for_1x1_bias,
 )
+from reparam.testing import bn_module, bn_stats, conv_layers, divisors, min_chain_input_size, small_inputs, tensors
 from reparam.verify import relative_error
-
-from .strategies import bn_module, bn_stats, conv_layers, divisors, min_chain_input_size, small_inputs, tensors
 
 TOL = 1e-10
 
@@ -37,8 +38,9 @@ def test_compose_when_all_padding_comes_first(data):
     """C3: any strides, dilations, groups, kernel sizes; the second conv reads no padding (it may crop)."""
     n = data.draw(st.integers(1, 3))
     g1, k1, b1 = data.draw(conv_layers(ndim=n, max_kernel=3, max_stride=2, max_dilation=2))
-    g2, k2, b2 = data.draw(conv_layers(ndim=n, in_channels=k1.shape[0], max_kernel=3, max_stride=2,
-                                       max_dilation=2, padding="none"))
+    g2, k2, b2 = data.draw(
+        conv_layers(ndim=n, in_channels=k1.shape[0], max_kernel=3, max_stride=2, max_dilation=2, padding="none")
+    )
     if data.draw(st.booleans()):
         g2 = g2.replace(padding=tuple((-data.draw(st.integers(0, 1)), -data.draw(st.integers(0, 1))) for _ in range(n)))
     x = data.draw(small_inputs(k1.shape[1] * g1.groups, min_size=min_chain_input_size(g1, g2), extra=2))
@@ -68,8 +70,11 @@ def test_compose_refuses_a_padded_second_conv(data):
     g2, k2, b2 = data.draw(conv_layers(ndim=n, in_channels=k1.shape[0], padding="symmetric", padding_modes=("zeros",)))
     if not g2.pads:
         return
-    pointwise = all(k == 1 for k in g1.kernel_size) and all(s == 1 for s in g1.stride) and not any(
-        p != (0, 0) for p in g1.padding)
+    pointwise = (
+        all(k == 1 for k in g1.kernel_size)
+        and all(s == 1 for s in g1.stride)
+        and not any(p != (0, 0) for p in g1.padding)
+    )
     with pytest.raises(MergeError, match="bias" if pointwise else "border"):
         compose(k1, b1, g1, k2, b2, g2)
 
@@ -80,7 +85,9 @@ def test_the_border_problem_is_real():
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
     g3 = ConvGeometry.create(3, padding=1)
     k1, k2 = torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.randn(2, 2, 3, 3, dtype=torch.float64)
-    naive, nb, ng = compose(k1, None, g3.replace(padding=((2, 2), (2, 2))), k2, None, g3.replace(padding=((0, 0), (0, 0))))
+    naive, nb, ng = compose(
+        k1, None, g3.replace(padding=((2, 2), (2, 2))), k2, None, g3.replace(padding=((0, 0), (0, 0)))
+    )
     assert relative_error(two(x, k1, None, g3, k2, None, g3), conv_nd(x, naive, nb, ng)) > 1e-2
     p1, b1 = torch.randn(2, 2, 1, 1, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
     km, bm = compose_1x1_kxk(p1, b1, k2, None)
@@ -94,8 +101,9 @@ def test_bn_and_pad_makes_pointwise_then_kxk_exact(data):
     n = data.draw(st.integers(1, 3))
     g2, k2, b2 = data.draw(conv_layers(ndim=n, max_kernel=4, padding_modes=("zeros",)))
     m = k2.shape[1] * g2.groups
-    g1, k1, b1 = data.draw(conv_layers(ndim=n, out_channels=m, kernel_size=(1,) * n, max_stride=1, padding="none",
-                                       groups=g2.groups))
+    g1, k1, b1 = data.draw(
+        conv_layers(ndim=n, out_channels=m, kernel_size=(1,) * n, max_stride=1, padding="none", groups=g2.groups)
+    )
     stats = data.draw(bn_stats(m))
     x = data.draw(small_inputs(k1.shape[1] * g1.groups, g2))
     value = pad_value_for_1x1_bias(b1, stats).reshape((1, -1) + (1,) * n)

@@ -1,9 +1,11 @@
 """G1: removing channels from convs, transposed convs, linear layers and norms."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from reparam.ops import (
@@ -15,9 +17,8 @@ from reparam.ops import (
     select_norm,
     select_out,
 )
+from reparam.testing import bn_module, bn_stats, conv_layers, small_inputs, tensors
 from reparam.verify import relative_error
-
-from .strategies import bn_module, bn_stats, conv_layers, small_inputs, tensors
 
 TOL = 1e-10
 
@@ -30,8 +31,11 @@ def keep_sets(draw, total: int, groups: int) -> tuple[list[int], bool]:
         kept = draw(st.lists(st.integers(0, groups - 1), min_size=1, unique=True))
         return sorted(j * block + c for j in kept for c in range(block)), True
     n = draw(st.integers(1, block))
-    return sorted(j * block + c for j in range(groups)
-                  for c in draw(st.lists(st.integers(0, block - 1), min_size=n, max_size=n, unique=True))), False
+    return sorted(
+        j * block + c
+        for j in range(groups)
+        for c in draw(st.lists(st.integers(0, block - 1), min_size=n, max_size=n, unique=True))
+    ), False
 
 
 @given(st.data())
@@ -67,8 +71,15 @@ def test_select_in_of_a_conv(data):
 def test_select_on_a_transposed_conv(data):
     groups = data.draw(st.sampled_from([1, 2, 3]))
     cin, cout = groups * data.draw(st.integers(1, 2)), groups * data.draw(st.integers(1, 3))
-    conv = nn.ConvTranspose2d(cin, cout, data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2)), groups=groups,
-                              bias=data.draw(st.booleans()), dtype=torch.float64)
+    conv = nn.ConvTranspose2d(
+        cin,
+        cout,
+        data.draw(st.integers(1, 3)),
+        data.draw(st.integers(1, 2)),
+        groups=groups,
+        bias=data.draw(st.booleans()),
+        dtype=torch.float64,
+    )
     g = ConvGeometry.from_module(conv)
     x = data.draw(tensors((1, cin, 2, 3)))
     keep_o, _ = data.draw(keep_sets(cout, groups))
@@ -81,7 +92,10 @@ def test_select_on_a_transposed_conv(data):
     mask = torch.zeros(cin, dtype=x.dtype)
     mask[keep_i] = 1
     b3 = None if conv.bias is None else conv.bias[rows]
-    assert relative_error(conv(x * mask[:, None, None])[:, rows], conv_nd(x[:, keep_i], k3, b3, g.replace(groups=g3))) <= TOL
+    assert (
+        relative_error(conv(x * mask[:, None, None])[:, rows], conv_nd(x[:, keep_i], k3, b3, g.replace(groups=g3)))
+        <= TOL
+    )
 
 
 @given(st.data())
@@ -114,8 +128,11 @@ def test_depthwise_selection_shrinks_groups():
     assert select_in(k, [0, 2], groups=4)[1] == 2
 
 
-@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1),
-       backend=st.sampled_from(["numpy", "torch"]))
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+    backend=st.sampled_from(["numpy", "torch"]),
+)
 def test_select_axes_keeps_the_named_entries_of_every_axis(shape, seed, backend):
     import numpy as np
 
@@ -123,8 +140,10 @@ def test_select_axes_keeps_the_named_entries_of_every_axis(shape, seed, backend)
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape)
-    keep = [None if rng.random() < 0.3 else sorted(rng.choice(n, rng.integers(1, n + 1), replace=False).tolist())
-            for n in shape]
+    keep = [
+        None if rng.random() < 0.3 else sorted(rng.choice(n, rng.integers(1, n + 1), replace=False).tolist())
+        for n in shape
+    ]
     expected = x[np.ix_(*[range(n) if k is None else k for n, k in zip(shape, keep)])]
     got = select_axes(x if backend == "numpy" else torch.from_numpy(x), keep)
     assert np.array_equal(np.asarray(got), expected)

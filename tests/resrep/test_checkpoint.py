@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, weights_only loading, clear corruption errors, RNG capture/restore."""
+
 from __future__ import annotations
 
 import random
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from apps.resrep import checkpoint as ck
-from apps.resrep.checkpoint import CheckpointError, atomic_save, load_file, rng_state, set_rng_state
+from apps.resrep.checkpoint import CheckpointError, load_file, rng_state, set_rng_state
+from reparam.atomic import atomic_save
 
 
 def test_atomic_save_roundtrip_weights_only(tmp_path):

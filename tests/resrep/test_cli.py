@@ -1,5 +1,6 @@
 """`python -m apps.resrep`: flags from the config dataclasses, a tiny train → prune → eval → export run, and
 clear refusals (exit status 2, nothing written) for bad input."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +26,34 @@ def test_every_config_field_has_a_flag():
         dests = {a.dest for a in sub[command]._actions}
         for cls in classes:
             assert {f.name for f in dataclasses.fields(cls)} <= dests, (command, cls)
-    ns = parser.parse_args(["prune", "--checkpoint", "c", "--out", "o", "--flops-target", "0.3", "--mode", "paper",
-                            "--before-mask-iters", "none", "--no-augment", "--amp", "bf16", "--lasso-strength", "1e-3"])
-    assert (ns.flops_target, ns.mode, ns.before_mask_iters, ns.augment, ns.amp, ns.lasso_strength) == \
-        (0.3, "paper", None, False, "bf16", 1e-3)
+    ns = parser.parse_args(
+        [
+            "prune",
+            "--checkpoint",
+            "c",
+            "--out",
+            "o",
+            "--flops-target",
+            "0.3",
+            "--mode",
+            "paper",
+            "--before-mask-iters",
+            "none",
+            "--no-augment",
+            "--amp",
+            "bf16",
+            "--lasso-strength",
+            "1e-3",
+        ]
+    )
+    assert (ns.flops_target, ns.mode, ns.before_mask_iters, ns.augment, ns.amp, ns.lasso_strength) == (
+        0.3,
+        "paper",
+        None,
+        False,
+        "bf16",
+        1e-3,
+    )
 
 
 def _fail(capsys, argv):
@@ -50,9 +75,33 @@ def test_train_prune_eval_export(base_run, tmp_path, capsys):
     summary = json.loads((base_run / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["macs"] > 0 and (base_run / "history.png").is_file()
     out = tmp_path / "prune"
-    assert main(["prune", *RUN, "--checkpoint", str(base_run / "last.pt"), "--out", str(out), "--epochs", "2",
-                 "--recipe", "paper", "--flops-target", "0.7", "--before-mask-iters", "0", "--mask-interval", "2",
-                 "--begin-granularity", "8", "--lasso-strength", "1e-2"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                *RUN,
+                "--checkpoint",
+                str(base_run / "last.pt"),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--recipe",
+                "paper",
+                "--flops-target",
+                "0.7",
+                "--before-mask-iters",
+                "0",
+                "--mask-interval",
+                "2",
+                "--begin-granularity",
+                "8",
+                "--lasso-strength",
+                "1e-2",
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["macs_after"] <= 0.75 * s["macs_before"] and s["max_rel_error"] <= 1e-5
     assert s["base_accuracy"] == pytest.approx(summary["accuracy"])
@@ -63,8 +112,21 @@ def test_train_prune_eval_export(base_run, tmp_path, capsys):
     for ckpt in ("deploy.pt", "deploy.ts", "last.pt"):
         assert main(["eval", *TINY, "--checkpoint", str(out / ckpt)]) == 0
         assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(s["pruned_accuracy"]), ckpt
-    assert main(["export", *TINY, "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "exp"),
-                 "--formats", "torchscript"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                *TINY,
+                "--checkpoint",
+                str(out / "last.pt"),
+                "--out",
+                str(tmp_path / "exp"),
+                "--formats",
+                "torchscript",
+            ]
+        )
+        == 0
+    )
     ts = torch.jit.load(str(tmp_path / "exp" / "deploy.ts"))
     ref = torch.jit.load(str(out / "deploy.ts"))
     x = torch.randn(2, 1, 8, 8)
@@ -77,26 +139,73 @@ def test_a_run_that_misses_its_target_fails_loudly(base_run, tmp_path, capsys):
     """The paper recipe over one short epoch never starts masking: exit 2, by how much, what to change;
     the outputs are still written and say so."""
     out = tmp_path / "short"
-    err = _fail(capsys, ["prune", *RUN, "--checkpoint", str(base_run / "last.pt"), "--out", str(out), "--epochs", "1",
-                         "--recipe", "paper", "--flops-target", "0.5", "--formats", "state_dict"])
+    err = _fail(
+        capsys,
+        [
+            "prune",
+            *RUN,
+            "--checkpoint",
+            str(base_run / "last.pt"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--recipe",
+            "paper",
+            "--flops-target",
+            "0.5",
+            "--formats",
+            "state_dict",
+        ],
+    )
     assert "above flops_target=0.5 by 0.5000" in err and "recipe='budget'" in err
     assert json.loads((out / "summary.json").read_text())["target_met"] is False
     ok = tmp_path / "auto"  # the default recipe meets the same target in the same epoch
-    assert main(["prune", *RUN, "--checkpoint", str(base_run / "last.pt"), "--out", str(ok), "--epochs", "1",
-                 "--flops-target", "0.5", "--formats", "state_dict"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                *RUN,
+                "--checkpoint",
+                str(base_run / "last.pt"),
+                "--out",
+                str(ok),
+                "--epochs",
+                "1",
+                "--flops-target",
+                "0.5",
+                "--formats",
+                "state_dict",
+            ]
+        )
+        == 0
+    )
     s = json.loads((ok / "summary.json").read_text())
     assert s["target_met"] and s["plan"]["recipe"] == "budget" and s["macs_after"] <= 0.5 * s["macs_before"]
     assert s["largest_removed_norm"] == 0.0
 
 
 def test_bad_flops_target(base_run, tmp_path, capsys):
-    err = _fail(capsys, ["prune", *RUN, "--checkpoint", str(base_run / "last.pt"), "--out", str(tmp_path / "o"),
-                         "--flops-target", "1.5"])
+    err = _fail(
+        capsys,
+        [
+            "prune",
+            *RUN,
+            "--checkpoint",
+            str(base_run / "last.pt"),
+            "--out",
+            str(tmp_path / "o"),
+            "--flops-target",
+            "1.5",
+        ],
+    )
     assert "flops_target must lie in (0, 1)" in err and not (tmp_path / "o").exists()
 
 
 def test_missing_data_dir(tmp_path, capsys):
-    err = _fail(capsys, ["train", "--dataset", "cifar10", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    err = _fail(
+        capsys, ["train", "--dataset", "cifar10", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+    )
     assert "not found" in err and not (tmp_path / "o").exists()
 
 
@@ -104,8 +213,22 @@ def test_corrupt_and_foreign_checkpoints(base_run, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes((base_run / "last.pt").read_bytes()[:1000])
     assert "corrupt" in _fail(capsys, ["prune", *RUN, "--checkpoint", str(bad), "--out", str(tmp_path / "o")])
-    err = _fail(capsys, ["prune", *DATA, "--arch", "digits_resnet", "--width", "8", "--no-progress", "--checkpoint", str(base_run / "last.pt"),
-                         "--out", str(tmp_path / "o")])
+    err = _fail(
+        capsys,
+        [
+            "prune",
+            *DATA,
+            "--arch",
+            "digits_resnet",
+            "--width",
+            "8",
+            "--no-progress",
+            "--checkpoint",
+            str(base_run / "last.pt"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "shape mismatch" in err and not (tmp_path / "o").exists()
 
 
@@ -115,7 +238,8 @@ def test_nan_loss_stops(tmp_path, capsys):
 
 
 def test_untraceable_model(tmp_path, monkeypatch, base_run, capsys):
-    (tmp_path / "branchy.py").write_text(textwrap.dedent("""
+    (tmp_path / "branchy.py").write_text(
+        textwrap.dedent("""
         import torch
         from apps.resrep.models import DigitsResNet
         class Branchy(DigitsResNet):
@@ -123,12 +247,25 @@ def test_untraceable_model(tmp_path, monkeypatch, base_run, capsys):
                 return super().forward(x) if x.sum() > 0 else super().forward(-x)
         def make(num_classes):
             return Branchy(num_classes, 1, 4)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     ckpt = tmp_path / "w.pt"
     torch.save(torch.load(base_run / "last.pt", weights_only=True)["model"], ckpt)
-    err = _fail(capsys, ["prune", *DATA, "--arch", "branchy:make", "--no-progress", "--checkpoint", str(ckpt),
-                         "--out", str(tmp_path / "o")])
+    err = _fail(
+        capsys,
+        [
+            "prune",
+            *DATA,
+            "--arch",
+            "branchy:make",
+            "--no-progress",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert not (tmp_path / "o").exists(), err
 
 

@@ -1,4 +1,5 @@
 """Exact conversion: fold BN, merge compactors, remove masked channels, verify (float64, rel <= 1e-10)."""
+
 from __future__ import annotations
 
 import copy
@@ -94,8 +95,13 @@ def test_torchvision_mobilenet_v2_converts_exactly():
 
 
 @settings(max_examples=25)
-@given(seed=st.integers(0, 2**31 - 1), keep=st.floats(0.05, 1.0), width=st.integers(2, 6),
-       batch=st.integers(1, 3), size=st.integers(4, 9))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    keep=st.floats(0.05, 1.0),
+    width=st.integers(2, 6),
+    batch=st.integers(1, 3),
+    size=st.integers(4, 9),
+)
 def test_conversion_is_exact_for_random_masks_and_statistics(seed, keep, width, batch, size):
     torch.manual_seed(seed)
     x = torch.randn(batch, 1, size, size, dtype=torch.float64)
@@ -166,7 +172,9 @@ def test_inexact_conversion_is_refused_or_warned():
             rr.convert()
     loud = ResRep(model, x, ResRepConfig(flops_target=0.9, on_inexact="warn"))
     loud.set_masks(rr.masks)
-    with pytest.warns(RuntimeWarning, match="had not decayed"), \
-            pytest.warns(RuntimeWarning, match="not exact: max relative error"):
+    with (
+        pytest.warns(RuntimeWarning, match="had not decayed"),
+        pytest.warns(RuntimeWarning, match="not exact: max relative error"),
+    ):
         _, report = loud.convert()
     assert report.max_rel_error > report.tolerance

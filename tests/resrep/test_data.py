@@ -1,4 +1,5 @@
 """Data sources of the ResRep app: digits, arrays .npz, JPEG-bytes .npz, folders, and the resumable sampler."""
+
 from __future__ import annotations
 
 import io
@@ -10,16 +11,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from apps.resrep.data import (ArrayDataset, DataConfig, DataError, EpochSampler, build_datasets, build_loaders,
-                              load_digits_arrays, load_jpeg_npz_arrays, load_npz_arrays)
+from apps.resrep.data import (
+    ArrayDataset,
+    DataConfig,
+    DataError,
+    EpochSampler,
+    build_datasets,
+    build_loaders,
+    load_digits_arrays,
+    load_jpeg_npz_arrays,
+    load_npz_arrays,
+)
 
 
 def _arrays(n_train=12, n_test=5, size=8, channels=3, seed=0):
     rng = np.random.default_rng(seed)
-    return dict(x_train=rng.integers(0, 256, (n_train, size, size, channels), dtype=np.uint8),
-                y_train=rng.integers(0, 4, n_train), x_test=rng.integers(0, 256, (n_test, size, size, channels),
-                                                                           dtype=np.uint8),
-                y_test=rng.integers(0, 4, n_test))
+    return dict(
+        x_train=rng.integers(0, 256, (n_train, size, size, channels), dtype=np.uint8),
+        y_train=rng.integers(0, 4, n_train),
+        x_test=rng.integers(0, 256, (n_test, size, size, channels), dtype=np.uint8),
+        y_test=rng.integers(0, 4, n_test),
+    )
 
 
 def test_digits_split_is_fixed_and_stratified():
@@ -42,8 +54,9 @@ def test_digits_datasets_scale_to_unit_range():
 def test_npz_dataset_normalises_and_limits(tmp_path):
     arrays = _arrays()
     np.savez(tmp_path / "d.npz", **arrays)
-    train, test, info = build_datasets(DataConfig(dataset="npz", root=str(tmp_path / "d.npz"), augment=False,
-                                                  normalize="cifar", test_limit=3))
+    train, test, info = build_datasets(
+        DataConfig(dataset="npz", root=str(tmp_path / "d.npz"), augment=False, normalize="cifar", test_limit=3)
+    )
     assert len(train) == 12 and len(test) == 3 and info.in_channels == 3 and info.image_size == 8
     x, y = train[4]
     mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(3, 1, 1)
@@ -63,7 +76,7 @@ def test_augmentation_is_a_shifted_crop_and_follows_the_global_rng():
     torch.testing.assert_close(a, b)
     plain = torch.from_numpy(img[1]).permute(2, 0, 1).float() / 255
     padded = torch.nn.functional.pad(plain, (1, 1, 1, 1))
-    crops = [padded[:, i:i + 8, j:j + 8] for i in range(3) for j in range(3)]
+    crops = [padded[:, i : i + 8, j : j + 8] for i in range(3) for j in range(3)]
     assert any(torch.equal(a, c) or torch.equal(a, c.flip(-1)) for c in crops)
 
 
@@ -79,8 +92,10 @@ def test_npz_errors_are_clear(tmp_path, problem):
         np.savez(path, **arrays)
     if problem == "corrupt":
         path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(DataError, match={"missing": "not found", "keys": "lacks keys", "dtype": "uint8",
-                                         "corrupt": "cannot read"}[problem]):
+    with pytest.raises(
+        DataError,
+        match={"missing": "not found", "keys": "lacks keys", "dtype": "uint8", "corrupt": "cannot read"}[problem],
+    ):
         load_npz_arrays(str(path))
 
 
@@ -94,8 +109,15 @@ def test_jpeg_npz_decodes_like_pillow(tmp_path):
         blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
     offsets = np.cumsum([0] + [len(b) for b in blobs])
     data = np.concatenate(blobs)
-    np.savez(tmp_path / "j.npz", train_jpeg=data, train_offsets=offsets, y_train=np.arange(5),
-             test_jpeg=data, test_offsets=offsets, y_test=np.arange(5))
+    np.savez(
+        tmp_path / "j.npz",
+        train_jpeg=data,
+        train_offsets=offsets,
+        y_train=np.arange(5),
+        test_jpeg=data,
+        test_offsets=offsets,
+        y_test=np.arange(5),
+    )
     x_tr, y_tr, x_te, y_te = load_jpeg_npz_arrays(str(tmp_path / "j.npz"), test_limit=2)
     assert x_tr.shape == (5, 8, 8, 3) and x_te.shape == (2, 8, 8, 3) and list(y_te) == [0, 1]
     expected = np.asarray(Image.open(io.BytesIO(blobs[3].tobytes())).convert("RGB"))
@@ -125,8 +147,14 @@ def test_unknown_dataset():
         build_datasets(DataConfig(dataset="mnist"))
 
 
-@given(n=st.integers(1, 60), batch=st.integers(1, 9), world=st.integers(1, 3), epoch=st.integers(0, 5),
-       seed=st.integers(0, 3), data=st.data())
+@given(
+    n=st.integers(1, 60),
+    batch=st.integers(1, 9),
+    world=st.integers(1, 3),
+    epoch=st.integers(0, 5),
+    seed=st.integers(0, 3),
+    data=st.data(),
+)
 def test_epoch_sampler_shards_cover_and_resume(n, batch, world, epoch, seed, data):
     samplers = [EpochSampler(n, batch_size=batch, seed=seed, rank=r, world_size=world) for r in range(world)]
     shards = []
@@ -137,7 +165,7 @@ def test_epoch_sampler_shards_cover_and_resume(n, batch, world, epoch, seed, dat
     assert set().union(*map(set, shards)) == set(range(n))
     start = data.draw(st.integers(0, len(shards[0]) // batch))
     samplers[0].set_epoch(epoch, start)
-    assert list(samplers[0]) == shards[0][start * batch:] and len(samplers[0]) == len(shards[0]) - start * batch
+    assert list(samplers[0]) == shards[0][start * batch :] and len(samplers[0]) == len(shards[0]) - start * batch
     again = EpochSampler(n, batch_size=batch, seed=seed, rank=0, world_size=world)
     again.set_epoch(epoch)
     assert list(again) == shards[0]
@@ -159,8 +187,9 @@ def test_loaders_batch_shapes():
 
 
 def test_real_cifar10_jpeg_decodes(shared_data):
-    x_tr, y_tr, x_te, y_te = load_jpeg_npz_arrays(str(shared_data / "cifar10-jpeg" / "cifar10_jpegbytes.npz"),
-                                                  train_limit=64, test_limit=64)
+    x_tr, y_tr, x_te, y_te = load_jpeg_npz_arrays(
+        str(shared_data / "cifar10-jpeg" / "cifar10_jpegbytes.npz"), train_limit=64, test_limit=64
+    )
     assert x_tr.shape == (64, 32, 32, 3) and x_te.shape == (64, 32, 32, 3)
     assert set(np.unique(np.concatenate([y_tr, y_te]))) <= set(range(10))
     assert 60 < x_te.mean() < 200  # real photographs, not blank decodes

@@ -1,5 +1,6 @@
 """DDP: two gloo processes on half batches give the masks and weights of one process on the full batch,
 for both recipes (the budget recipe's Taylor scores come from the all-reduced gradients)."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,10 +14,18 @@ from apps.resrep import ResRep, ResRepConfig
 
 STEPS = 8
 CONFIGS = {
-    "paper": ResRepConfig(recipe="paper", flops_target=0.55, before_mask_iters=1, mask_interval=2,
-                          begin_granularity=3, lasso_strength=2e-2, lr=0.05),
-    "budget": ResRepConfig(recipe="budget", flops_target=0.55, lr=0.05, mask_rounds=3, mask_end_fraction=0.5,
-                           freeze_fraction=0.75),
+    "paper": ResRepConfig(
+        recipe="paper",
+        flops_target=0.55,
+        before_mask_iters=1,
+        mask_interval=2,
+        begin_granularity=3,
+        lasso_strength=2e-2,
+        lr=0.05,
+    ),
+    "budget": ResRepConfig(
+        recipe="budget", flops_target=0.55, lr=0.05, mask_rounds=3, mask_end_fraction=0.5, freeze_fraction=0.75
+    ),
 }
 
 
@@ -67,7 +76,7 @@ def worker(rank: int, world: int, init_file: str, out: str, recipe: str) -> None
         ddp = nn.parallel.DistributedDataParallel(rr.model)
         x, y = data()
         half = len(x) // world
-        history = run(ddp, rr, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+        history = run(ddp, rr, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
         torch.save({"masks": history, "model": rr.model.state_dict()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -80,8 +89,13 @@ def test_two_gloo_processes_match_one(tmp_path, recipe):
     expected = run(single.model, single, x, y)
     assert any(not m.all() for m in expected[-1].values())  # masking did happen
     # fork: the workers inherit the imported modules instead of importing torch and the app again
-    mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), recipe), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path / "out"), recipe),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
     for rank in range(2):
         got = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=True)
         for step_got, step_expected in zip(got["masks"], expected):

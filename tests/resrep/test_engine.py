@@ -1,4 +1,5 @@
 """The training loop: learning, hooks, per-iteration cosine LR, NaN stop, exact resume, AMP, DDP (gloo)."""
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,17 @@ def test_fit_learns_logs_and_anneals(tmp_path):
     model = _model()
     opt = sgd(model, OptimConfig(lr=0.1))
     hooks = Recorder(model)
-    history = fit(model, train, test, epochs=3, optimizer=opt, hooks=hooks, log_dir=tmp_path, progress=False,
-                  metrics=lambda: {"extra": 1.0})
+    history = fit(
+        model,
+        train,
+        test,
+        epochs=3,
+        optimizer=opt,
+        hooks=hooks,
+        log_dir=tmp_path,
+        progress=False,
+        metrics=lambda: {"extra": 1.0},
+    )
     n = 3 * len(train)
     assert hooks.iterations == list(range(n)) and hooks.backward_calls == n
     assert [r["epoch"] for r in history] == [1, 2, 3] and history[-1]["step"] == n
@@ -84,8 +94,17 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path
 
     hooks = Snap(model)
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, batch 3.*last good checkpoint"):
-        fit(model, train, test, epochs=3, optimizer=sgd(model, OptimConfig()), hooks=hooks,
-            checkpoint_dir=tmp_path, progress=False, loss_fn=loss_fn)
+        fit(
+            model,
+            train,
+            test,
+            epochs=3,
+            optimizer=sgd(model, OptimConfig()),
+            hooks=hooks,
+            checkpoint_dir=tmp_path,
+            progress=False,
+            loss_fn=loss_fn,
+        )
     assert load_file(tmp_path / "last.pt")["epoch"] == 1
     for k, v in model.named_parameters():  # no update from the NaN step
         assert torch.equal(v, hooks.weights[k]), k
@@ -96,8 +115,19 @@ def _run(tmp_path, fail_at=None, resume=False, checkpoint_every=0):
     model = _model()
     opt = sgd(model, OptimConfig(lr=0.05))
     hooks = Recorder(model, fail_at)
-    fit(model, train, test, epochs=3, optimizer=opt, hooks=hooks, checkpoint_dir=tmp_path, resume=resume,
-        checkpoint_every=checkpoint_every, progress=False, meta={"run": "a"})
+    fit(
+        model,
+        train,
+        test,
+        epochs=3,
+        optimizer=opt,
+        hooks=hooks,
+        checkpoint_dir=tmp_path,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        progress=False,
+        meta={"run": "a"},
+    )
     return model, hooks
 
 
@@ -123,8 +153,17 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     train, test = _loaders()
     model = _model()
     with pytest.raises(CheckpointError, match="another run"):
-        fit(model, train, test, epochs=3, optimizer=sgd(model, OptimConfig()), checkpoint_dir=tmp_path,
-            resume=True, progress=False, meta={"run": "b"})
+        fit(
+            model,
+            train,
+            test,
+            epochs=3,
+            optimizer=sgd(model, OptimConfig()),
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+            meta={"run": "b"},
+        )
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -132,8 +171,9 @@ def test_amp_and_channels_last(amp):
     train, test = _loaders(limit=64)
     model = _model()
     before = copy.deepcopy(model.state_dict())
-    history = fit(model, train, test, epochs=1, optimizer=sgd(model, OptimConfig()), amp=amp,
-                  channels_last=True, progress=False)
+    history = fit(
+        model, train, test, epochs=1, optimizer=sgd(model, OptimConfig()), amp=amp, channels_last=True, progress=False
+    )
     assert history[-1]["train_loss"] == history[-1]["train_loss"]  # finite, not NaN
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -156,8 +196,15 @@ def _ddp_worker(rank, world, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = _mlp()
-    fit(model, _tensor_loader(8, rank, world), None, epochs=2,
-        optimizer=sgd(model, OptimConfig(lr=0.05, weight_decay=0)), progress=False, device="cpu")
+    fit(
+        model,
+        _tensor_loader(8, rank, world),
+        None,
+        epochs=2,
+        optimizer=sgd(model, OptimConfig(lr=0.05, weight_decay=0)),
+        progress=False,
+        device="cpu",
+    )
     torch.save(model.state_dict(), f"{out_file}.{rank}")
     dist.destroy_process_group()
 
@@ -168,8 +215,15 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "w")), nprocs=2, join=True)
     w0, w1 = (torch.load(tmp_path / f"w.{r}", weights_only=True) for r in range(2))
     model = _mlp()
-    fit(model, _tensor_loader(16), None, epochs=2, optimizer=sgd(model, OptimConfig(lr=0.05, weight_decay=0)),
-        progress=False, device="cpu")
+    fit(
+        model,
+        _tensor_loader(16),
+        None,
+        epochs=2,
+        optimizer=sgd(model, OptimConfig(lr=0.05, weight_decay=0)),
+        progress=False,
+        device="cpu",
+    )
     for k, v in model.state_dict().items():
         assert torch.equal(w0[k], w1[k]), k
         torch.testing.assert_close(w0[k], v, rtol=1e-5, atol=1e-6)

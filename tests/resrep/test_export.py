@@ -1,4 +1,5 @@
 """Exports (state_dict, TorchScript, ONNX) reproduce PyTorch or are refused with nothing left behind."""
+
 from __future__ import annotations
 
 import pytest

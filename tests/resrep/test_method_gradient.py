@@ -1,4 +1,5 @@
 """The compactor gradient rule G_j = m_j·∂L/∂Q_j + λ·Q_j/‖Q_j‖ and its momentum dynamics."""
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,7 @@ def test_rule_row_by_row(channels, groups, seed, lasso, data):
     assert out.shape == weight.shape and out.dtype == weight.dtype
     for j in range(channels):
         row, norm = weight[j].flatten(), weight[j].norm()
-        expected = (grad[j].flatten() if keep[j] else torch.zeros_like(row))
+        expected = grad[j].flatten() if keep[j] else torch.zeros_like(row)
         if norm > 0:
             expected = expected + lasso * row / norm
         assert torch.allclose(out[j].flatten(), expected, rtol=1e-12, atol=1e-15)
@@ -46,6 +47,8 @@ def test_masked_row_decays_at_the_momentum_rate():
         q.grad = torch.randn_like(q)  # a task gradient, reset by the mask
         q.grad = compactor_gradient(q, q.grad, torch.tensor([False]), lam)
         opt.step()
-    travelled = lr * lam * sum((1 - mu ** t) / (1 - mu) for t in range(1, steps + 1))
+    travelled = lr * lam * sum((1 - mu**t) / (1 - mu) for t in range(1, steps + 1))
     assert abs(float(q.detach().norm()) - (5.0 - travelled)) < 1e-12
-    assert torch.allclose(q.detach().flatten() / q.detach().norm(), torch.tensor([0.6, 0.8], dtype=torch.float64), atol=1e-14)
+    assert torch.allclose(
+        q.detach().flatten() / q.detach().norm(), torch.tensor([0.6, 0.8], dtype=torch.float64), atol=1e-14
+    )

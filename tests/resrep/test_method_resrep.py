@@ -1,4 +1,5 @@
 """`ResRep` on real (small) networks: compactor placement, optimizer groups, rule, schedule, state."""
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,14 @@ def test_compactors_on_every_producer_and_identity_at_init():
     rr = ResRep(model, X, ResRepConfig(before_mask_iters=0))
     # residual mode: stem, both stage streams (with the projection) and the block internals
     producers = {p.module for g in rr.groups for p in g.producers}
-    assert {"conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv2", "layer2.0.conv2",
-            "layer2.0.shortcut.0"} <= producers
+    assert {
+        "conv1",
+        "layer1.0.conv1",
+        "layer1.0.conv2",
+        "layer1.1.conv2",
+        "layer2.0.conv2",
+        "layer2.0.shortcut.0",
+    } <= producers
     assert {s.module for s in rr.sites} == producers
     for site in rr.sites:
         wrapper = rr.model.get_submodule(site.host)
@@ -51,8 +58,9 @@ def test_paper_mode_keeps_residual_groups_whole():
 
 
 def test_param_groups_follow_the_recipe():
-    cfg = ResRepConfig(recipe="paper", lr=0.05, weight_decay=3e-4, momentum=0.8, compactor_momentum=0.99,
-                       bias_lr_factor=2.0)
+    cfg = ResRepConfig(
+        recipe="paper", lr=0.05, weight_decay=3e-4, momentum=0.8, compactor_momentum=0.99, bias_lr_factor=2.0
+    )
     rr = ResRep(digits_net(), X, cfg)
     groups = {g["name"]: g for g in rr.param_groups()}
     ids = [id(p) for g in groups.values() for p in g["params"]]
@@ -103,8 +111,15 @@ def train(rr: ResRep, steps: int, x: torch.Tensor, y: torch.Tensor) -> list[tupl
 
 
 def test_schedule_grows_by_granularity_until_the_target_then_holds():
-    cfg = ResRepConfig(recipe="paper", flops_target=0.6, before_mask_iters=1, mask_interval=2, begin_granularity=4,
-                       lasso_strength=1e-2, lr=0.05)
+    cfg = ResRepConfig(
+        recipe="paper",
+        flops_target=0.6,
+        before_mask_iters=1,
+        mask_interval=2,
+        begin_granularity=4,
+        lasso_strength=1e-2,
+        lr=0.05,
+    )
     rr = ResRep(digits_net(), X, cfg)
     target = cfg.flops_target * rr.base_macs
     steps = 24
@@ -122,8 +137,11 @@ def test_schedule_grows_by_granularity_until_the_target_then_holds():
 
 def test_round_to_keeps_every_width_a_multiple_and_converts():
     torch.manual_seed(0)
-    rr = ResRep(DigitsResNet(width=16).double(), X, ResRepConfig(recipe="paper", flops_target=0.5, begin_granularity=10**6,
-                                                                      round_to=8))
+    rr = ResRep(
+        DigitsResNet(width=16).double(),
+        X,
+        ResRepConfig(recipe="paper", flops_target=0.5, begin_granularity=10**6, round_to=8),
+    )
     assert {g.multiple for g in rr.groups} == {8}
     with torch.no_grad():
         for _, compactor in rr.compactors():
@@ -139,8 +157,9 @@ def test_round_to_keeps_every_width_a_multiple_and_converts():
 
 def test_masks_are_recomputed_from_all_ones():
     """A channel masked earlier comes back when its rows are now among the strongest (no stale masks)."""
-    rr = ResRep(digits_net(), X, ResRepConfig(recipe="paper", flops_target=0.9, before_mask_iters=0,
-                                                  begin_granularity=4))
+    rr = ResRep(
+        digits_net(), X, ResRepConfig(recipe="paper", flops_target=0.9, before_mask_iters=0, begin_granularity=4)
+    )
     group = rr.groups[0]
     stale = torch.ones(group.size, dtype=torch.bool)
     stale[0] = False
@@ -205,16 +224,25 @@ def test_one_call_prune_trains_and_converts():
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 1, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen))
     model = DigitsResNet(width=4)
-    cfg = ResRepConfig(recipe="paper", flops_target=0.7, before_mask_iters=1, mask_interval=1, begin_granularity=8,
-                       lasso_strength=1e-2)
+    cfg = ResRepConfig(
+        recipe="paper", flops_target=0.7, before_mask_iters=1, mask_interval=1, begin_granularity=8, lasso_strength=1e-2
+    )
     with pytest.warns(RuntimeWarning):  # four steps are too few for masked rows to decay
-        deploy, report = prune(model, DataLoader(data, batch_size=8), epochs=1, config=cfg, device="cpu", progress=False)
+        deploy, report = prune(
+            model, DataLoader(data, batch_size=8), epochs=1, config=cfg, device="cpu", progress=False
+        )
     assert report.macs_after <= 0.7 * report.macs_before and report.max_rel_error <= report.tolerance
     assert deploy(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     with warnings.catch_warnings():  # the default recipe: the same run converts with no warning at all
         warnings.simplefilter("error")
-        deploy, report = prune(model, DataLoader(data, batch_size=8), epochs=3, config=ResRepConfig(flops_target=0.7),
-                               device="cpu", progress=False)
+        deploy, report = prune(
+            model,
+            DataLoader(data, batch_size=8),
+            epochs=3,
+            config=ResRepConfig(flops_target=0.7),
+            device="cpu",
+            progress=False,
+        )
     assert report.largest_removed_norm == 0.0 and report.macs_after <= 0.7 * report.macs_before
 
 

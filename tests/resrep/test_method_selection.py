@@ -1,4 +1,5 @@
 """Mask selection: global ranking, MACs target, per-round budget, minimum widths, config schedule."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,7 +39,7 @@ def problems(draw):
     values = draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=sum(sizes), max_size=sum(sizes), unique=True))
     scores, i = [], 0
     for s in sizes:
-        scores.append(torch.tensor(values[i:i + s], dtype=torch.float64))
+        scores.append(torch.tensor(values[i : i + s], dtype=torch.float64))
         i += s
     costs = [draw(st.integers(1, 50)) for _ in range(n)]
     min_keep = [draw(st.integers(1, s)) for s in sizes]
@@ -94,10 +95,14 @@ def test_skipped_channels_do_not_consume_the_budget():
 
 def test_selection_starts_from_full_widths_and_can_unmask():
     macs = additive_macs([1, 1])
-    first = select_masks([torch.tensor([0.1, 0.9]), torch.tensor([0.8, 0.7])], macs=macs, target_macs=3, min_keep=[1, 1])
+    first = select_masks(
+        [torch.tensor([0.1, 0.9]), torch.tensor([0.8, 0.7])], macs=macs, target_macs=3, min_keep=[1, 1]
+    )
     assert masked_pairs(first) == [(0, 0)]
     # channel (0, 0) grew: it is kept again and the new weakest is masked
-    second = select_masks([torch.tensor([0.95, 0.9]), torch.tensor([0.8, 0.7])], macs=macs, target_macs=3, min_keep=[1, 1])
+    second = select_masks(
+        [torch.tensor([0.95, 0.9]), torch.tensor([0.8, 0.7])], macs=macs, target_macs=3, min_keep=[1, 1]
+    )
     assert masked_pairs(second) == [(1, 1)]
 
 
@@ -123,8 +128,10 @@ def test_channel_scores_rms_over_compactors_and_row_maps():
     b = torch.tensor([4.0, 0.0, 1.0])
     every = torch.arange(3)
     s = channel_scores(3, [(every, a), (every, b)])
-    assert torch.allclose(s, torch.tensor([12.5 ** 0.5, 0.0, 1.0], dtype=torch.float64))
-    split = channel_scores(4, [(torch.tensor([0, 3]), torch.tensor([1.0, 2.0])), (torch.tensor([2, 1]), torch.tensor([3.0, 4.0]))])
+    assert torch.allclose(s, torch.tensor([12.5**0.5, 0.0, 1.0], dtype=torch.float64))
+    split = channel_scores(
+        4, [(torch.tensor([0, 3]), torch.tensor([1.0, 2.0])), (torch.tensor([2, 1]), torch.tensor([3.0, 4.0]))]
+    )
     assert split.tolist() == [1.0, 4.0, 3.0, 2.0]
     with pytest.raises(ValueError, match="no compactor row"):
         channel_scores(3, [(torch.tensor([0]), torch.tensor([1.0]))])

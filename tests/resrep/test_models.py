@@ -1,5 +1,6 @@
 """Models of the ResRep app: CIFAR ResNets (published key names, both shortcuts), digits CNN, torchvision and
 user models, and weight loading with clear refusals."""
+
 from __future__ import annotations
 
 import textwrap
@@ -10,8 +11,15 @@ import torch
 from apps.resrep.checkpoint import CheckpointError
 from apps.resrep.data import DataConfig, build_datasets
 from apps.resrep.engine import evaluate
-from apps.resrep.models import (CifarResNet, DigitsResNet, ModelConfig, ModelError, build_model, deploy_shell,
-                                load_weights)
+from apps.resrep.models import (
+    CifarResNet,
+    DigitsResNet,
+    ModelConfig,
+    ModelError,
+    build_model,
+    deploy_shell,
+    load_weights,
+)
 
 
 @pytest.mark.parametrize("depth,params", [(20, 269_722), (56, 853_018)])
@@ -20,8 +28,14 @@ def test_cifar_resnet_option_a_matches_published_layout(depth, params):
     assert sum(p.numel() for p in m.parameters()) == params  # the published 0.27M / 0.85M
     n = (depth - 2) // 6
     names = set(m.state_dict())
-    assert {"conv1.weight", "bn1.running_var", "linear.weight", "linear.bias",
-            f"layer3.{n - 1}.conv2.weight", "layer2.0.bn1.weight"} <= names
+    assert {
+        "conv1.weight",
+        "bn1.running_var",
+        "linear.weight",
+        "linear.bias",
+        f"layer3.{n - 1}.conv2.weight",
+        "layer2.0.bn1.weight",
+    } <= names
     assert not any("shortcut" in k for k in names)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
@@ -64,12 +78,14 @@ def test_torchvision_by_name():
 
 
 def test_user_model_by_import_path(tmp_path, monkeypatch):
-    (tmp_path / "mynets.py").write_text(textwrap.dedent("""
+    (tmp_path / "mynets.py").write_text(
+        textwrap.dedent("""
         import torch
         def tiny(num_classes):
             return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))
         not_a_model = 3
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert build_model(ModelConfig(arch="mynets:tiny"), num_classes=4)(torch.randn(2, 1, 8, 8)).shape == (2, 4)
     with pytest.raises(ModelError, match="no attribute"):
@@ -83,8 +99,9 @@ def test_user_model_by_import_path(tmp_path, monkeypatch):
 def test_load_published_style_checkpoint(tmp_path):
     """{'state_dict': {'module.' + key: tensor}, 'best_prec1': float}, as the published files."""
     src = CifarResNet(20).eval()
-    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "best_prec1": 91.7},
-               tmp_path / "r20.th")
+    torch.save(
+        {"state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "best_prec1": 91.7}, tmp_path / "r20.th"
+    )
     dst = load_weights(CifarResNet(20).eval(), tmp_path / "r20.th")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
@@ -114,8 +131,9 @@ def test_corrupt_checkpoint(tmp_path):
 def test_deploy_shell_rebuilds_narrow_bn_free_network():
     """A hand-narrowed state_dict (BNs dropped, convs biased and thinner) loads into the shell."""
     m = DigitsResNet(width=8)
-    sd = {k: v for k, v in m.state_dict().items() if ".bn" not in k and not k.startswith("bn1")
-          and "shortcut.1" not in k}
+    sd = {
+        k: v for k, v in m.state_dict().items() if ".bn" not in k and not k.startswith("bn1") and "shortcut.1" not in k
+    }
     sd["layer1.0.conv1.weight"] = sd["layer1.0.conv1.weight"][:5]
     sd["layer1.0.conv1.bias"] = torch.zeros(5)
     sd["layer1.0.conv2.weight"] = sd["layer1.0.conv2.weight"][:, :5]
@@ -134,8 +152,14 @@ def test_published_checkpoints_load(shared_data, depth):
 def test_published_resnet20_accuracy_on_jpeg_test_images(shared_data):
     """The README measures 81.0% on the whole JPEG test set; 300 images must land near it."""
     model = load_weights(CifarResNet(20), next((shared_data / "cifar-resnet").glob("resnet20-*.th")))
-    _, test, _ = build_datasets(DataConfig(dataset="jpeg-npz", test_limit=300, train_limit=1,
-                                           root=str(shared_data / "cifar10-jpeg" / "cifar10_jpegbytes.npz")))
+    _, test, _ = build_datasets(
+        DataConfig(
+            dataset="jpeg-npz",
+            test_limit=300,
+            train_limit=1,
+            root=str(shared_data / "cifar10-jpeg" / "cifar10_jpegbytes.npz"),
+        )
+    )
     acc = evaluate(model, torch.utils.data.DataLoader(test, batch_size=100), device=torch.device("cpu"))["acc"]
     assert 72.0 <= acc <= 90.0
 
@@ -147,8 +171,11 @@ def test_deploy_shell_with_the_plan_rebuilds_option_a_exactly():
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    rr = ResRep(CifarResNet(20, shortcut="A").double(), x, ResRepConfig(recipe="paper", flops_target=0.5,
-                                                                              begin_granularity=10**6))
+    rr = ResRep(
+        CifarResNet(20, shortcut="A").double(),
+        x,
+        ResRepConfig(recipe="paper", flops_target=0.5, begin_granularity=10**6),
+    )
     with torch.no_grad():
         for _, compactor in rr.compactors():
             compactor.weight.mul_(torch.rand(compactor.weight.shape[0], 1, 1, 1, dtype=torch.float64) + 0.5)

@@ -1,5 +1,6 @@
 """The two ResRep recipes: the paper's constants, the budget recipe's forgetting, masks, penalties and lr shape,
 the auto switch, and a missed target."""
+
 from __future__ import annotations
 
 import math
@@ -38,12 +39,27 @@ def masked_rows(rr: ResRep) -> dict[str, torch.Tensor]:
 
 def test_paper_recipe_constants_match_the_spec():
     cfg = ResRepConfig(recipe="paper")
-    assert (cfg.flops_target, cfg.lasso_strength, cfg.mask_interval, cfg.before_mask_epochs, cfg.begin_granularity,
-            cfg.num_at_least, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.threshold) == \
-        (0.471, 1e-4, 200, 5, 4, 1, 0.01, 0.9, 1e-4, 1e-5)
+    assert (
+        cfg.flops_target,
+        cfg.lasso_strength,
+        cfg.mask_interval,
+        cfg.before_mask_epochs,
+        cfg.begin_granularity,
+        cfg.num_at_least,
+        cfg.lr,
+        cfg.momentum,
+        cfg.weight_decay,
+        cfg.threshold,
+    ) == (0.471, 1e-4, 200, 5, 4, 1, 0.01, 0.9, 1e-4, 1e-5)
     plan = resolve(cfg, None, 781)
-    assert (plan.recipe, plan.bias_lr_factor, plan.compactor_momentum, plan.residual_lasso,
-            plan.train_residual_compactors, plan.score) == ("paper", 2.0, 0.99, True, True, "norm")
+    assert (
+        plan.recipe,
+        plan.bias_lr_factor,
+        plan.compactor_momentum,
+        plan.residual_lasso,
+        plan.train_residual_compactors,
+        plan.score,
+    ) == ("paper", 2.0, 0.99, True, True, "norm")
     assert not plan.cumulative
     assert cfg.mask_start(781) == 3905 and not plan.is_mask_update(3905) and plan.is_mask_update(4105)
     assert not plan.is_mask_update(4106) and plan.is_mask_update(4305)
@@ -131,8 +147,9 @@ def test_budget_gradients_masked_rows_none_kept_rows_light_and_penalty_off_after
             single = rr._lasso_rows[site.module] & keep
             lasso = 1e-4 if phase == "before" else 0.0
             trained = (single | bool(train_residual))[keep].double().reshape(-1, 1)
-            expected = raw[site.module].flatten(1)[keep] * trained + \
-                lasso * (w / w.norm(dim=1, keepdim=True))[keep] * single[keep].double().reshape(-1, 1)
+            expected = raw[site.module].flatten(1)[keep] * trained + lasso * (w / w.norm(dim=1, keepdim=True))[
+                keep
+            ] * single[keep].double().reshape(-1, 1)
             assert torch.allclose(g[keep], expected, rtol=1e-12, atol=1e-15)
 
 
@@ -161,9 +178,14 @@ def test_budget_residual_compactors_keep_their_kept_rows_identity():
     sched = rr.lr_scheduler(opt)
     for it in range(3):
         step(rr, opt, sched, it)
-    moved = [not torch.equal(c.weight.detach().flatten(1)[~rr._lasso_rows[s.module]],
-                             torch.eye(c.weight.shape[0], dtype=c.weight.dtype)[~rr._lasso_rows[s.module]])
-             for s, c in rr.compactors() if bool((~rr._lasso_rows[s.module]).any())]
+    moved = [
+        not torch.equal(
+            c.weight.detach().flatten(1)[~rr._lasso_rows[s.module]],
+            torch.eye(c.weight.shape[0], dtype=c.weight.dtype)[~rr._lasso_rows[s.module]],
+        )
+        for s, c in rr.compactors()
+        if bool((~rr._lasso_rows[s.module]).any())
+    ]
     assert moved and all(moved)
 
 
@@ -196,7 +218,8 @@ def test_taylor_score_is_the_first_order_loss_change_of_removing_a_channel():
     group = max(rr.groups, key=lambda g: len(g.producers))  # a residual-coupled group: several compactors
     assert len(group.producers) > 1
     for c in (0, group.size - 1):
-        def loss_at(alpha: float) -> float:
+
+        def loss_at(alpha: float, c: int = c) -> float:
             with torch.no_grad():
                 saved = [(comp, comp.weight.clone()) for _, comp in rr.compactors()]
                 for site, comp in rr.compactors():
@@ -207,9 +230,10 @@ def test_taylor_score_is_the_first_order_loss_change_of_removing_a_channel():
                 for comp, w in saved:
                     comp.weight.copy_(w)
             return out
+
         h = 1e-6
         derivative = (loss_at(1 + h) - loss_at(1 - h)) / (2 * h)
-        assert float(rr.taylor[group.id][c]) == pytest.approx(derivative ** 2, rel=1e-5, abs=1e-16)
+        assert float(rr.taylor[group.id][c]) == pytest.approx(derivative**2, rel=1e-5, abs=1e-16)
 
 
 @pytest.mark.parametrize("score", ["taylor", "fused", "norm"])
@@ -222,8 +246,9 @@ def test_every_score_meets_the_target_exactly(score):
     rr.check_target()
     scores = rr.channel_scores()
     assert set(scores) == set(rr.masks)
-    assert all(s.dtype == torch.float64 and bool(torch.isfinite(s).all()) and bool((s >= 0).all())
-               for s in scores.values())
+    assert all(
+        s.dtype == torch.float64 and bool(torch.isfinite(s).all()) and bool((s >= 0).all()) for s in scores.values()
+    )
 
 
 def test_auto_switches_by_the_run_length():
@@ -243,8 +268,13 @@ def test_auto_switches_by_the_run_length():
 
 
 def test_missed_target_says_by_how_much_and_what_to_change():
-    rr = ResRep(DigitsResNet(width=8).double(), X[:2], ResRepConfig(recipe="paper", flops_target=0.5),
-                iters_per_epoch=10, total_iters=10)
+    rr = ResRep(
+        DigitsResNet(width=8).double(),
+        X[:2],
+        ResRepConfig(recipe="paper", flops_target=0.5),
+        iters_per_epoch=10,
+        total_iters=10,
+    )
     with pytest.raises(TargetMissedError, match=r"above flops_target=0\.5 by 0\.5000.*recipe='budget'"):
         rr.check_target()
     early = budget(total=60)
@@ -277,8 +307,12 @@ def test_budget_scores_trade_importance_against_the_macs_a_channel_costs():
     scores = rr.channel_scores()  # identity compactors: every raw row norm is 1, so only the cost differs
     for gid, s in scores.items():
         assert torch.allclose(s, torch.full_like(s, mean / cost[gid]))
-    plain = ResRep(DigitsResNet(width=8).double(), X[:2], ResRepConfig(recipe="budget", score="norm",
-                   score_per_mac=False), total_iters=60)
+    plain = ResRep(
+        DigitsResNet(width=8).double(),
+        X[:2],
+        ResRepConfig(recipe="budget", score="norm", score_per_mac=False),
+        total_iters=60,
+    )
     assert all(torch.allclose(s, torch.ones_like(s)) for s in plain.channel_scores().values())
     paper = ResRep(DigitsResNet(width=8).double(), X[:2], ResRepConfig(recipe="paper"))
     assert all(torch.allclose(s, torch.ones_like(s)) for s in paper.channel_scores().values())  # raw norms

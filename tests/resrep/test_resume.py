@@ -1,4 +1,5 @@
 """Kill a ResRep run with SIGKILL mid-epoch, resume it, and get exactly what an uninterrupted run gets."""
+
 from __future__ import annotations
 
 import os
@@ -15,11 +16,35 @@ from apps.resrep.checkpoint import load_file
 from apps.resrep.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ["--dataset", "digits", "--train-limit", "256", "--batch-size", "32", "--arch", "digits_resnet",
-        "--width", "4", "--no-progress", "--seed", "3"]
+DATA = [
+    "--dataset",
+    "digits",
+    "--train-limit",
+    "256",
+    "--batch-size",
+    "32",
+    "--arch",
+    "digits_resnet",
+    "--width",
+    "4",
+    "--no-progress",
+    "--seed",
+    "3",
+]
 # The budget recipe over 40 iterations: mask rounds after iterations 1..10 (Taylor scores, fading rows), freeze at 12.
-PRUNE = [*DATA, "--epochs", "5", "--checkpoint-every", "3", "--flops-target", "0.6", "--recipe", "budget",
-         "--formats", "state_dict"]
+PRUNE = [
+    *DATA,
+    "--epochs",
+    "5",
+    "--checkpoint-every",
+    "3",
+    "--flops-target",
+    "0.6",
+    "--recipe",
+    "budget",
+    "--formats",
+    "state_dict",
+]
 # The killed run sleeps in every mask-schedule call (numerics untouched), so the kill lands mid-run.
 SLOW_MAIN = """
 import sys, time
@@ -44,8 +69,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, one_thread):
     base = ["--checkpoint", str(tmp_path / "base" / "last.pt")]
     cut = tmp_path / "cut"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAIN, "prune", *PRUNE, *base, "--out", str(cut)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MAIN, "prune", *PRUNE, *base, "--out", str(cut)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (cut / "last.pt").exists() or load_file(cut / "last.pt")["step"] < 6:
@@ -70,4 +100,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, one_thread):
         assert all(torch.equal(a["hooks"][key][g], m) for g, m in b["hooks"][key].items()), key
     assert any(not m.all() for m in a["hooks"]["masks"].values())  # masking had started
     assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
-    assert load_file(cut / "deploy.pt")["state_dict"].keys() == load_file(tmp_path / "whole" / "deploy.pt")["state_dict"].keys()
+    assert (
+        load_file(cut / "deploy.pt")["state_dict"].keys()
+        == load_file(tmp_path / "whole" / "deploy.pt")["state_dict"].keys()
+    )

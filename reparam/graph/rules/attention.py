@@ -1,11 +1,12 @@
 """Contractions: matmul / bmm, scaled dot-product attention, einsum."""
+
 from __future__ import annotations
 
 from torch.fx import Node
 
 from .coupler import Coupler, MacsTerm, Unsupported
 
-__all__ = ['rule_einsum', 'rule_matmul', 'rule_sdpa']
+__all__ = ["rule_einsum", "rule_matmul", "rule_sdpa"]
 
 
 def rule_matmul(c: Coupler, node: Node) -> None:
@@ -63,5 +64,3 @@ def rule_einsum(c: Coupler, node: Node) -> None:
                 letters[ch] = s
     if len(ops) == 2:
         c.macs_terms.append(MacsTerm(node.name, tuple(letters.values())))
-
-

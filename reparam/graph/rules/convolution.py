@@ -1,4 +1,5 @@
 """Layers with weights: convolutions (grouped, depthwise, transposed) and linear layers, as modules or functions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +8,19 @@ from torch.fx import Node
 
 from .coupler import Coupler, Kept, MacsTerm, ProducerRecord, Unsupported, arg, owner
 
-__all__ = ['rule_conv_function', 'rule_conv_module', 'rule_linear_function', 'rule_linear_module']
+__all__ = ["rule_conv_function", "rule_conv_module", "rule_linear_function", "rule_linear_module"]
 
 
-def _conv(c: Coupler, node: Node, x: Node, w: tuple[int, ...], b: tuple[int, ...] | None, groups: int,
-          owner: str | None, path_for_fixup: str | None) -> None:
+def _conv(
+    c: Coupler,
+    node: Node,
+    x: Node,
+    w: tuple[int, ...],
+    b: tuple[int, ...] | None,
+    groups: int,
+    owner: str | None,
+    path_for_fixup: str | None,
+) -> None:
     xs, ys = c.shape(x), c.shape(node)
     if len(xs) != len(ys) or len(xs) < 3:
         raise Unsupported("convolutions need a batch dim")
@@ -45,11 +54,13 @@ def _conv(c: Coupler, node: Node, x: Node, w: tuple[int, ...], b: tuple[int, ...
         c.consumers.append((owner, w[1] if not depthwise else x1))
     c.macs_terms.append(MacsTerm(node.name, tuple(c.dims(node)) + tuple(w[1:])))
     if path_for_fixup is not None:
+
         def fix(m: nn.Module, kept: Kept, x1: int = x1, depthwise: bool = depthwise) -> None:
             m.out_channels = m.weight.shape[0]
             if depthwise:
                 m.groups = int(kept(x1).sum())
             m.in_channels = m.weight.shape[1] * m.groups
+
         c.module_fixups[path_for_fixup] = fix
 
 
@@ -57,8 +68,16 @@ def rule_conv_module(c: Coupler, node: Node) -> None:
     m = c.modules[node.target]
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
         raise Unsupported("transposed convolutions are not pruned")
-    _conv(c, node, node.args[0], c.param(f"{node.target}.weight"), c.module_param(node.target, "bias"),
-          m.groups, node.target, node.target)
+    _conv(
+        c,
+        node,
+        node.args[0],
+        c.param(f"{node.target}.weight"),
+        c.module_param(node.target, "bias"),
+        m.groups,
+        node.target,
+        node.target,
+    )
 
 
 def rule_conv_function(c: Coupler, node: Node) -> None:
@@ -76,6 +95,7 @@ def rule_conv_function(c: Coupler, node: Node) -> None:
                 n.args = (*n.args[:6], kept_groups, *n.args[7:])
             else:
                 n.kwargs = {**n.kwargs, "groups": kept_groups}
+
         c.node_fixups[node.name] = fix
 
 
@@ -101,11 +121,10 @@ def rule_linear_module(c: Coupler, node: Node) -> None:
 
     def fix(m: nn.Module, kept: Kept) -> None:
         m.out_features, m.in_features = m.weight.shape
+
     c.module_fixups[node.target] = fix
 
 
 def rule_linear_function(c: Coupler, node: Node) -> None:
     w, b = arg(node, 1, "weight"), arg(node, 2, "bias")
     _linear(c, node, node.args[0], tuple(c.dims(w)), tuple(c.dims(b)) if isinstance(b, Node) else None, owner(c, w))
-
-

@@ -6,6 +6,7 @@ dims), records producers (layers whose weight rows define channels), consumers, 
 fix-ups surgery needs (module attributes, hard-coded sizes in node arguments). An op without a rule
 poisons every space it touches, so its channels are never changed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -20,8 +21,20 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..spaces import SpaceSet
 
-__all__ = ["Coupler", "Kept", "MacsTerm", "ProducerRecord", "Rule", "RuleFor", "Unsupported", "arg", "describe",
-           "first_tensor", "owner", "tensor_metas"]
+__all__ = [
+    "Coupler",
+    "Kept",
+    "MacsTerm",
+    "ProducerRecord",
+    "Rule",
+    "RuleFor",
+    "Unsupported",
+    "arg",
+    "describe",
+    "first_tensor",
+    "owner",
+    "tensor_metas",
+]
 
 Kept = Callable[[int], np.ndarray]  # space id -> boolean keep mask along that space
 
@@ -32,9 +45,9 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class ProducerRecord:
-    module: str      # qualified name of the layer owning the weight
-    node: str        # fx node that applies it
-    space: int       # space id of the weight's output-row dim
+    module: str  # qualified name of the layer owning the weight
+    node: str  # fx node that applies it
+    space: int  # space id of the weight's output-row dim
 
 
 @dataclass(frozen=True)
@@ -63,15 +76,16 @@ def describe(node: Node, modules: dict[str, nn.Module]) -> str:
 class Coupler:
     """Walks an fx graph in topological order and applies the rule of every node."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, rule_for: "RuleFor",
-                 modules: dict[str, nn.Module] | None = None) -> None:
+    def __init__(
+        self, root: nn.Module, graph: fx.Graph, rule_for: RuleFor, modules: dict[str, nn.Module] | None = None
+    ) -> None:
         self.root, self.graph, self.rule_for = root, graph, rule_for
         self.s = SpaceSet()
         self.modules = modules if modules is not None else dict(root.named_modules())
         self.producers: list[ProducerRecord] = []
         self.consumers: list[tuple[str, int]] = []
         self.macs_terms: list[MacsTerm] = []
-        self.params: dict[str, tuple[int, ...]] = {}          # parameter/buffer name -> its dim spaces
+        self.params: dict[str, tuple[int, ...]] = {}  # parameter/buffer name -> its dim spaces
         self.module_fixups: dict[str, Callable[[nn.Module, Kept], None]] = {}
         self.node_fixups: dict[str, Callable[[Node, Kept], None]] = {}
         self._tensors = {**dict(root.named_buffers()), **dict(root.named_parameters())}
@@ -154,7 +168,7 @@ class Coupler:
                     self.s.poison_space(s, reason)
 
     # -- walk ----------------------------------------------------------------------------------
-    def run(self) -> "Coupler":
+    def run(self) -> Coupler:
         for node in self.graph.nodes:
             self.visit(node)
         return self
@@ -189,8 +203,6 @@ class Coupler:
             self.poison_node(node, f"{describe(node, self.modules)} at node '{node.name}': {exc}")
 
 
-
-
 Rule = Callable[[Coupler, Node], None]
 RuleFor = Callable[[Node, dict], "Rule | str"]  # a node's rule, or why it has none
 
@@ -215,4 +227,3 @@ def first_tensor(c: Coupler, node: Node) -> Node:
     if not ins:
         raise Unsupported("no tensor input")
     return ins[0]
-

@@ -1,4 +1,5 @@
 """Elementwise ops: activations and other shape-preserving ops, PReLU's slopes, broadcasting n-ary ops."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -6,7 +7,7 @@ from torch.fx import Node
 
 from .coupler import Coupler, Kept, Unsupported, first_tensor
 
-__all__ = ['rule_broadcast', 'rule_prelu_module', 'rule_unary']
+__all__ = ["rule_broadcast", "rule_prelu_module", "rule_unary"]
 
 
 def rule_unary(c: Coupler, node: Node) -> None:
@@ -27,6 +28,7 @@ def rule_prelu_module(c: Coupler, node: Node) -> None:
 
         def fix(m: nn.Module, kept: Kept) -> None:
             m.num_parameters = m.weight.shape[0]
+
         c.module_fixups[node.target] = fix
 
 
@@ -41,5 +43,3 @@ def rule_broadcast(c: Coupler, node: Node) -> None:
         for d in range(1, len(shape) + 1):
             if shape[-d] == out[-d]:
                 c.union(c.sp(x, -d), c.sp(node, -d), node)
-
-

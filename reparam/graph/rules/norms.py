@@ -1,4 +1,5 @@
 """Normalisation layers: batch, group and layer norm, as modules or functions on their own tensors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,14 @@ from torch.fx import Node
 
 from .coupler import Coupler, Kept, Unsupported, arg
 
-__all__ = ['rule_aten_batch_norm', 'rule_batch_norm_function', 'rule_batch_norm_module', 'rule_group_norm_module', 'rule_layer_norm_function', 'rule_layer_norm_module']
+__all__ = [
+    "rule_aten_batch_norm",
+    "rule_batch_norm_function",
+    "rule_batch_norm_module",
+    "rule_group_norm_module",
+    "rule_layer_norm_function",
+    "rule_layer_norm_module",
+]
 
 
 def rule_batch_norm_module(c: Coupler, node: Node) -> None:
@@ -22,11 +30,13 @@ def rule_batch_norm_module(c: Coupler, node: Node) -> None:
         ref = m.running_mean if m.running_mean is not None else m.weight
         if ref is not None:
             m.num_features = ref.shape[0]
+
     c.module_fixups[node.target] = fix
 
 
-def rule_batch_norm_function(c: Coupler, node: Node,
-                             order: tuple[str, ...] = ("running_mean", "running_var", "weight", "bias")) -> None:
+def rule_batch_norm_function(
+    c: Coupler, node: Node, order: tuple[str, ...] = ("running_mean", "running_var", "weight", "bias")
+) -> None:
     """F.batch_norm(x, running_mean, running_var, weight, bias, ...): each per-channel tensor, given by
     position or by keyword, holds the channels of dim 1."""
     c.union_all(node.args[0], node, node)
@@ -56,6 +66,7 @@ def rule_group_norm_module(c: Coupler, node: Node) -> None:
 
     def fix(m: nn.Module, kept: Kept) -> None:
         m.num_channels = int(kept(ch).sum())
+
     c.module_fixups[node.target] = fix
 
 
@@ -72,6 +83,7 @@ def rule_layer_norm_module(c: Coupler, node: Node) -> None:
 
     def fix(m: nn.Module, kept: Kept) -> None:
         m.normalized_shape = tuple(int(kept(s).sum()) for s in out)
+
     c.module_fixups[node.target] = fix
 
 
@@ -93,6 +105,5 @@ def rule_layer_norm_function(c: Coupler, node: Node) -> None:
             n.args = (n.args[0], new, *n.args[2:])
         else:
             n.kwargs = {**n.kwargs, "normalized_shape": new}
+
     c.node_fixups[node.name] = fix
-
-

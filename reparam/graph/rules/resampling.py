@@ -1,4 +1,5 @@
 """Pooling, resampling and padding: batch and channels pass through, spatial dims are new or fixed."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ from torch.fx import Node
 
 from .coupler import Coupler, Kept, Unsupported, arg, first_tensor, tensor_metas
 
-__all__ = ['rule_pad', 'rule_pad_module', 'rule_patch_merging_pad', 'rule_pool']
+__all__ = ["rule_pad", "rule_pad_module", "rule_patch_merging_pad", "rule_pool"]
 
 
 def _batch_channel_rule(c: Coupler, node: Node, x: Node) -> None:
@@ -25,7 +26,6 @@ def _batch_channel_rule(c: Coupler, node: Node, x: Node) -> None:
 
 def rule_pool(c: Coupler, node: Node) -> None:
     _batch_channel_rule(c, node, first_tensor(c, node))
-
 
 
 def rule_pad(c: Coupler, node: Node) -> None:
@@ -48,8 +48,11 @@ def rule_pad(c: Coupler, node: Node) -> None:
     for d, (b, a) in padded.items():
         xd, yd = c.sp(x, d), c.sp(node, d)
         if mode != "constant" or not all(isinstance(v, int) for v in (b, a)):
-            why = (f"F.pad mode {mode!r} at node '{node.name}' copies channels of dim {d} into its pad"
-                   if mode != "constant" else f"the pad amount along dim {d} at node '{node.name}' is computed")
+            why = (
+                f"F.pad mode {mode!r} at node '{node.name}' copies channels of dim {d} into its pad"
+                if mode != "constant"
+                else f"the pad amount along dim {d} at node '{node.name}' is computed"
+            )
             c.s.poison_space(xd, why)
             c.s.poison_space(yd, why)
             continue
@@ -59,8 +62,12 @@ def rule_pad(c: Coupler, node: Node) -> None:
         c.s.link(xd, k, yd, k + b)
         if value is not None and not (isinstance(value, (int, float)) and value == 0):
             pads = np.r_[np.arange(max(0, b)), np.arange(ys[d] - max(0, a), ys[d])]
-            c.s.poison_elements(yd, pads, f"F.pad at node '{node.name}' fills dim {d} with the constant "
-                                          f"{value!r}, which is not zero: its pad channels cannot be removed")
+            c.s.poison_elements(
+                yd,
+                pads,
+                f"F.pad at node '{node.name}' fills dim {d} with the constant "
+                f"{value!r}, which is not zero: its pad channels cannot be removed",
+            )
         exact[d] = (b, a)
     if not exact:
         return
@@ -72,14 +79,14 @@ def rule_pad(c: Coupler, node: Node) -> None:
             mi, mo = kept(spaces[d][0]), kept(spaces[d][1])
             j = 2 * (len(xs) - 1 - d)
             new[j] = int(mo[:b].sum()) if b >= 0 else -int(mi[:-b].sum())
-            new[j + 1] = int(mo[len(mo) - a:].sum()) if a >= 0 else -int(mi[len(mi) + a:].sum())
+            new[j + 1] = int(mo[len(mo) - a :].sum()) if a >= 0 else -int(mi[len(mi) + a :].sum())
         new = type(arg(n, 1, "pad"))(new)
         if len(n.args) > 1:
             n.args = (n.args[0], new, *n.args[2:])
         else:
             n.kwargs = {**n.kwargs, "pad": new}
-    c.node_fixups[node.name] = fix
 
+    c.node_fixups[node.name] = fix
 
 
 def rule_pad_module(c: Coupler, node: Node) -> None:
@@ -97,8 +104,6 @@ def rule_pad_module(c: Coupler, node: Node) -> None:
         c.s.poison_space(c.sp(node, d), why)
 
 
-
-
 def rule_patch_merging_pad(c: Coupler, node: Node) -> None:
     """(..., H, W, C) -> (..., H/2, W/2, 4C): the four 2x2 neighbours concatenated along channels."""
     x = node.args[0]
@@ -108,5 +113,3 @@ def rule_patch_merging_pad(c: Coupler, node: Node) -> None:
     ch = xs[-1]
     k = np.arange(4 * ch)
     c.s.link(c.sp(node, -1), k, c.sp(x, -1), k % ch)
-
-

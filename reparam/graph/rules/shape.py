@@ -1,4 +1,5 @@
 """Shape and indexing: reshape / view / flatten, permute, expand, concatenation, stacking, split, getitem, reductions."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,18 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .coupler import Coupler, Kept, Unsupported, arg, first_tensor, tensor_metas
 
-__all__ = ['rule_aten_index', 'rule_aten_slice', 'rule_cat', 'rule_expand', 'rule_getitem', 'rule_permute', 'rule_reduce', 'rule_reshape', 'rule_split', 'rule_stack']
+__all__ = [
+    "rule_aten_index",
+    "rule_aten_slice",
+    "rule_cat",
+    "rule_expand",
+    "rule_getitem",
+    "rule_permute",
+    "rule_reduce",
+    "rule_reshape",
+    "rule_split",
+    "rule_stack",
+]
 
 
 def _align(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]]:
@@ -78,7 +90,8 @@ def size_sources(c: Coupler, value: Any, depth: int = 8) -> list[int]:
     if value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[0], Node):
         whole, d = value.args
         shaped = (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1) or (
-            whole.op == "call_function" and whole.target is getattr and whole.args[1:] == ("shape",))
+            whole.op == "call_function" and whole.target is getattr and whole.args[1:] == ("shape",)
+        )
         if shaped and isinstance(d, int):
             return [c.sp(whole.args[0], d)] if c.shape(whole.args[0]) is not None else []
     found: list[int] = []
@@ -90,11 +103,14 @@ def _resized(c: Coupler, vals: Sequence[Any], old: Sequence[int], new: Sequence[
     """Size arguments after surgery: every dim whose size changed gets its new size as a constant, and so
     does every size computed from a dim that surgery changes (e.g. ``C // heads`` read from a pruned
     tensor, for a dim that keeps its size); -1 and other sizes stay (a batch size stays dynamic)."""
+
     def stale(v: Any) -> bool:
         return any(int(kept(s).sum()) != c.s.size[s] for s in size_sources(c, v))
 
-    return [new[k] if not (isinstance(v, int) and v == -1) and (new[k] != old[k] or stale(v)) else v
-            for k, v in enumerate(vals)]
+    return [
+        new[k] if not (isinstance(v, int) and v == -1) and (new[k] != old[k] or stale(v)) else v
+        for k, v in enumerate(vals)
+    ]
 
 
 _aten = torch.ops.aten
@@ -123,6 +139,7 @@ def rule_reshape(c: Coupler, node: Node) -> None:
             vals = list(spec if sized else (spec[0] if packed else spec))
             vals = _resized(c, vals, old, new, kept)
             n.args = (n.args[0], vals) if packed else (n.args[0], *vals)
+
         c.node_fixups[node.name] = fix
 
 
@@ -157,6 +174,7 @@ def rule_expand(c: Coupler, node: Node) -> None:
             packed = len(spec) == 1 and isinstance(spec[0], (tuple, list))
             vals = _resized(c, list(spec[0] if packed else spec), old, [int(kept(s).sum()) for s in out], kept)
             n.args = (n.args[0], vals) if packed else (n.args[0], *vals)
+
         c.node_fixups[node.name] = fix
 
 
@@ -219,6 +237,7 @@ def rule_split(c: Coupler, node: Node) -> None:
         else:
             n.target = torch.split
         n.args, n.kwargs = (n.args[0], sizes), {"dim": dim}
+
     c.node_fixups[node.name] = fix
 
 
@@ -239,7 +258,7 @@ def rule_getitem(c: Coupler, node: Node) -> None:
     if Ellipsis in items:
         e = items.index(Ellipsis)
         explicit = sum(1 for it in items if it is not None and it is not Ellipsis)
-        items[e:e + 1] = [slice(None)] * (len(xs) - explicit)
+        items[e : e + 1] = [slice(None)] * (len(xs) - explicit)
     items += [slice(None)] * (len(xs) - sum(1 for it in items if it is not None))
     d_in, d_out, slices = 0, 0, {}
     for it in items:
@@ -267,6 +286,7 @@ def rule_getitem(c: Coupler, node: Node) -> None:
         else:
             raise Unsupported(f"index {it!r}")
     if slices:
+
         def fix(n: Node, kept: Kept) -> None:
             new, d = [], 0
             for it in items:
@@ -276,12 +296,13 @@ def rule_getitem(c: Coupler, node: Node) -> None:
                     if m.all():
                         new.append(it)
                     else:
-                        start = int(m[:rng.start].sum())
+                        start = int(m[: rng.start].sum())
                         new.append(slice(start, start + int(m[np.asarray(rng)].sum()), None))
                 else:
                     new.append(it)
                 d += it is not None
             n.args = (n.args[0], tuple(new))
+
         c.node_fixups[node.name] = fix
 
 
@@ -292,7 +313,7 @@ def _gather_coupling(c: Coupler, x: Node, node: Node, items: Sequence[Any]) -> N
     otherwise (the NumPy rule). Other mixes (ints, partial slices, None, boolean masks) stay unsupported."""
     xs, out = c.shape(x), c.shape(node)
     tensors = [k for k, it in enumerate(items) if isinstance(it, Node)]
-    for k, it in enumerate(items):
+    for it in items:
         if isinstance(it, Node):
             meta = it.meta.get("tensor_meta")
             if not isinstance(meta, TensorMetadata) or meta.dtype in (torch.bool, torch.uint8):
@@ -338,8 +359,9 @@ def rule_aten_slice(c: Coupler, node: Node) -> None:
     def fix(n: Node, kept: Kept) -> None:
         m = kept(a)
         if not m.all():
-            start = int(m[:rng.start].sum())
+            start = int(m[: rng.start].sum())
             n.args, n.kwargs = (n.args[0], dim, start, start + int(m[np.asarray(rng)].sum())), {}
+
     c.node_fixups[node.name] = fix
 
 
@@ -358,5 +380,3 @@ def rule_reduce(c: Coupler, node: Node) -> None:
             continue
         c.union(c.sp(x, d), c.sp(node, j), node)
         j += 1
-
-

@@ -1,4 +1,5 @@
 """Mergeable blocks: multi-branch `nn.Module`s for training, each with an exact plain `merged()` module."""
+
 from reparam.ops.blocks.acb import ACBlock
 from reparam.ops.blocks.base import ConvBlock, MergeableBlock
 from reparam.ops.blocks.compactor import Compactor

@@ -1,4 +1,5 @@
 """Asymmetric convolution block: kxk + 1xk + kx1, each conv-BN, summed."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ the geometry of its main kxk conv: kernel K, stride s, dilation d, padding P (pe
 Every branch is built so that its taps land on taps of that main kernel, hence the whole block
 is one conv `x ↦ conv(x; ΣW_j, geometry) + Σb_j` after merging (`merged()`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,10 +67,14 @@ def aligned_geometry(target: ConvGeometry, kernel_size: Size2, rate: Size2 = 1) 
     for (p_b, p_a), big, small, ri, di in zip(target.padding, target.kernel_size, k, r, target.dilation):
         extent = ri * (small - 1) + 1
         if extent > big:
-            raise ValueError(f"a branch of kernel {k} and rate {r} spans {extent} taps, more than the block's kernel {big}")
+            raise ValueError(
+                f"a branch of kernel {k} and rate {r} spans {extent} taps, more than the block's kernel {big}"
+            )
         offset = (big - extent) // 2
         pads.append((p_b - di * offset, p_a - di * (big - extent - offset)))
-    return target.replace(kernel_size=k, dilation=tuple(ri * di for ri, di in zip(r, target.dilation)), padding=tuple(pads))
+    return target.replace(
+        kernel_size=k, dilation=tuple(ri * di for ri, di in zip(r, target.dilation)), padding=tuple(pads)
+    )
 
 
 def unpadded(geometry: ConvGeometry) -> ConvGeometry:
@@ -210,7 +215,9 @@ class ConvBlock(MergeableBlock):
     @torch.no_grad()
     def merged(self) -> nn.Module:
         kernel, bias = self.merged_kernel_bias()
-        conv = self.geometry.to_module(self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype)
+        conv = self.geometry.to_module(
+            self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype
+        )
         conv.weight.copy_(kernel)
         conv.bias.copy_(bias_or_zeros(bias, self.out_channels, kernel))
         return with_act(conv, copy.deepcopy(self.act)).train(self.training)

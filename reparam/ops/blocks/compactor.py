@@ -1,4 +1,5 @@
 """Compactor: an identity-initialised 1x1 conv D → D after a conv-BN, to be pruned row by row (ResRep)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ class Compactor(MergeableBlock):
     compactor into the conv before it: `W' = Q·W`, `b' = Q·b`.
     """
 
-    def __init__(self, channels: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, channels: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.channels = channels
         self.weight = nn.Parameter(torch.eye(channels, device=device, dtype=dtype).reshape(channels, channels, 1, 1))
@@ -36,12 +39,16 @@ class Compactor(MergeableBlock):
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
-        conv = nn.Conv2d(self.channels, self.channels, 1, bias=False, device=self.weight.device, dtype=self.weight.dtype)
+        conv = nn.Conv2d(
+            self.channels, self.channels, 1, bias=False, device=self.weight.device, dtype=self.weight.dtype
+        )
         conv.weight.copy_(self.weight)
         return conv
 
     @classmethod
-    def deploy_module(cls, channels: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    def deploy_module(
+        cls, channels: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Module:
         """The deploy module built from the constructor arguments (load `merged().state_dict()` into it)."""
         return nn.Conv2d(channels, channels, 1, bias=False, device=device, dtype=dtype)
 

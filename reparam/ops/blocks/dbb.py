@@ -1,4 +1,5 @@
 """Diverse Branch Block: kxk, 1x1, 1x1→avg and 1x1→kxk branches, each ending in a BN."""
+
 from __future__ import annotations
 
 import torch
@@ -59,7 +60,9 @@ class DiverseBranchBlock(ConvBlock):
         if self.identity_based:
             nn.init.zeros_(self.chain_1x1.weight)
         self.chain_bn1 = norm(internal)
-        self.chain_kxk = nn.Conv2d(internal, out_channels, g.kernel_size, g.stride, 0, g.dilation, groups, bias=conv_bias)
+        self.chain_kxk = nn.Conv2d(
+            internal, out_channels, g.kernel_size, g.stride, 0, g.dilation, groups, bias=conv_bias
+        )
         self.chain_bn2 = norm(out_channels)
         self.to(device=device, dtype=dtype)
 
@@ -75,7 +78,9 @@ class DiverseBranchBlock(ConvBlock):
         chained = self.chain_bn2(self.chain_kxk(inner))
         return self.conv_kxk(padded) + self.conv_1x1(padded) + pooled + chained
 
-    def _sequential(self, w1: Tensor, b1: Tensor | None, bn1: nn.Module, w2: Tensor, b2: Tensor | None, bn2: nn.Module, name: str) -> tuple[Tensor, Tensor]:
+    def _sequential(
+        self, w1: Tensor, b1: Tensor | None, bn1: nn.Module, w2: Tensor, b2: Tensor | None, bn2: nn.Module, name: str
+    ) -> tuple[Tensor, Tensor]:
         """`BN2(conv2(BN1(1x1(x̃))))` as one conv of the main kernel on the padded input."""
         g = self.geometry
         one = ConvGeometry.create(1, 1, 0, 1, g.groups)
@@ -88,9 +93,16 @@ class DiverseBranchBlock(ConvBlock):
         kernel, bias = self.conv_kxk.kernel_bias("DiverseBranchBlock.conv_kxk")
         k1, b1 = self.conv_1x1.kernel_bias("DiverseBranchBlock.conv_1x1")
         avg = avg_pool_kernel(self.out_channels, g.groups, g.kernel_size, like=kernel)
-        pool = self._sequential(self.pool_1x1.weight, self.pool_1x1.bias, self.pool_bn1, avg, None, self.pool_bn2, "pool")
+        pool = self._sequential(
+            self.pool_1x1.weight, self.pool_1x1.bias, self.pool_bn1, avg, None, self.pool_bn2, "pool"
+        )
         chain = self._sequential(
-            self._chain_weight(), self.chain_1x1.bias, self.chain_bn1, self.chain_kxk.weight, self.chain_kxk.bias,
-            self.chain_bn2, "chain",
+            self._chain_weight(),
+            self.chain_1x1.bias,
+            self.chain_bn1,
+            self.chain_kxk.weight,
+            self.chain_kxk.bias,
+            self.chain_bn2,
+            "chain",
         )
         return add_branches((kernel, bias), (embed_kernel(k1, self.conv_1x1.geometry, g), b1), pool, chain)

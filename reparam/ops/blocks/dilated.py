@@ -1,4 +1,5 @@
 """Dilated re-parameterisation block: a large kernel conv-BN + dilated smaller conv-BN branches."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -45,8 +46,7 @@ class DilatedReparamBlock(ConvBlock):
         g = self.geometry
         self.conv_large = BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=norm)
         self.dilated = nn.ModuleList(
-            BranchConv(in_channels, out_channels, g, k, rate, bias=conv_bias, norm=norm)
-            for k, rate in branches
+            BranchConv(in_channels, out_channels, g, k, rate, bias=conv_bias, norm=norm) for k, rate in branches
         )
         self.to(device=device, dtype=dtype)
 

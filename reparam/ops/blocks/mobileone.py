@@ -1,4 +1,5 @@
 """MobileOne block: several kxk conv-BN branches + a 1x1 "scale" conv-BN + a BN identity."""
+
 from __future__ import annotations
 
 import torch
@@ -48,9 +49,7 @@ class MobileOneBlock(ConvBlock):
             BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=norm) for _ in range(num_branches)
         )
         has_scale = scale_branch and g.kernel_size != (1, 1)
-        self.conv_scale = (
-            BranchConv(in_channels, out_channels, g, 1, bias=conv_bias, norm=norm) if has_scale else None
-        )
+        self.conv_scale = BranchConv(in_channels, out_channels, g, 1, bias=conv_bias, norm=norm) if has_scale else None
         has_identity = resolve_identity(identity, in_channels, out_channels, g)
         self.bn_identity = norm(out_channels) if has_identity else None
         self.to(device=device, dtype=dtype)

@@ -1,4 +1,5 @@
 """Post-BN block: linear branches summed, then a single BN (exact in training mode too)."""
+
 from __future__ import annotations
 
 import copy
@@ -6,12 +7,19 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from reparam.ops._array import bias_or_zeros
 from reparam.ops.blocks.base import (
-    BranchConv, ConvBlock, Norm, Size2, mean_over_taps, resolve_identity, subsample, with_act,
+    BranchConv,
+    ConvBlock,
+    Norm,
+    Size2,
+    mean_over_taps,
+    resolve_identity,
+    subsample,
+    with_act,
 )
 from reparam.ops.blocks.registry import register_block
 from reparam.ops.branches import add_branches, avg_pool_kernel, embed_kernel, identity_kernel
-from reparam.ops._array import bias_or_zeros
 from reparam.ops.norm import NormStats, fuse_bn
 
 
@@ -50,7 +58,9 @@ class PostBNBlock(ConvBlock):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, act)
         g = self.geometry
         if avg_pool and in_channels != out_channels:
-            raise ValueError(f"the average-pool branch needs in_channels == out_channels (got {in_channels}, {out_channels})")
+            raise ValueError(
+                f"the average-pool branch needs in_channels == out_channels (got {in_channels}, {out_channels})"
+            )
         self.conv_kxk = BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=None)
         self.conv_1x1 = BranchConv(in_channels, out_channels, g, 1, bias=conv_bias, norm=None) if one_by_one else None
         self.identity = resolve_identity(identity, in_channels, out_channels, g)
@@ -96,7 +106,9 @@ class PostBNBlock(ConvBlock):
         if not self.bn.training:
             return super().merged()
         kernel, bias = self.linear_kernel_bias()
-        conv = self.geometry.to_module(self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype)
+        conv = self.geometry.to_module(
+            self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype
+        )
         conv.weight.copy_(kernel)
         conv.bias.copy_(bias_or_zeros(bias, self.out_channels, kernel))
         return with_act(nn.Sequential(conv, copy.deepcopy(self.bn)), copy.deepcopy(self.act)).train(self.training)

@@ -1,4 +1,5 @@
 """Registry of mergeable block classes: `reparam.merge` replaces every instance by its `merged()`."""
+
 from __future__ import annotations
 
 from typing import TypeVar

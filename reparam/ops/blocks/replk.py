@@ -1,4 +1,5 @@
 """RepLK block: a large-kernel conv-BN plus a small-kernel conv-BN on the same taps."""
+
 from __future__ import annotations
 
 import torch

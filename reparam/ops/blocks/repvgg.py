@@ -1,4 +1,5 @@
 """RepVGG block: kxk conv-BN + 1x1 conv-BN + BN identity, summed, then an optional activation."""
+
 from __future__ import annotations
 
 import torch
