@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmark scripts: atomic JSON results, plain-text tables, run metadata."""
+"""Helpers shared by the benchmark scripts: atomic JSON results, plain-text tables, run metadata.
+
+Importing it puts the checkout's root on `sys.path`: the scripts use `apps.resrep` from the checkout (an
+install names it `reparam_apps`), whatever folder they are started from.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -13,7 +18,11 @@ from typing import Any
 
 import torch
 
-from reparam.atomic import atomic_write_text
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from reparam.atomic import atomic_write_text  # noqa: E402
 
 
 def write_json(path: Path, payload: dict) -> None:
