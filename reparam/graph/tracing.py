@@ -17,9 +17,6 @@ from .rules import is_rule_leaf
 LeafSpec = str | type[nn.Module]
 
 
-_PLAIN_CONSTANTS = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
-
-
 class _LeafTracer(fx.Tracer):
     """Tracer that also treats user-named modules (qualified names or classes) as leaves and
     remembers which module it was inside when tracing failed."""
@@ -77,14 +74,8 @@ class _LeafTracer(fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         """fx's argument emission, with a root tensor found through the same table: fx scans every named
         buffer for each tensor passed as an argument (a norm layer calling ``F.batch_norm`` on its own
-        running statistics: ~0.4 s on a RepVGG). Proxies and plain constants, most arguments, take the
-        shortest way: fx's first checks (``isinstance(proxy, nn.Parameter)`` builds an attribute proxy)
-        cost more than the rest of the emission."""
-        if isinstance(a, fx.Proxy):
-            return a.node
-        if type(a) in _PLAIN_CONSTANTS:
-            return a
-        if isinstance(a, torch.Tensor):
+        running statistics: ~0.4 s on a RepVGG)."""
+        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
             params, buffers = self._names()
             name = (params if isinstance(a, nn.Parameter) else buffers).get(id(a))
             if name is not None:
@@ -126,14 +117,14 @@ def _drop_leaked_proxies(saved: _Saved) -> None:
     dict or list keeps its other entries and loses those that hold proxies."""
     for m, before in saved:
         for k, v in list(vars(m).items()):
-            unchanged = before.get(k, _MISSING) is v and not (v and isinstance(v, (dict, list)))
-            if unchanged or k in _PLAIN_SKIP or not _holds_proxy(v):
+            old = before.get(k, _MISSING)
+            if k in _PLAIN_SKIP or (old is v and not (v and isinstance(v, (dict, list)))) or not _holds_proxy(v):
                 continue
-            if before.get(k) is not v or not isinstance(v, (dict, list)):
-                if k in before:
-                    object.__setattr__(m, k, before[k])
+            if old is not v:  # bound during the trace
+                if old is _MISSING:
+                    delattr(m, k)
                 else:
-                    delattr(m, k)  # set during the trace
+                    object.__setattr__(m, k, old)
             elif isinstance(v, dict):
                 for key in [key for key, item in v.items() if _holds_proxy(item)]:
                     del v[key]
