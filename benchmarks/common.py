@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: atomic JSON results, plain-text tables, run metadata.
+"""Helpers shared by the benchmark scripts: atomic JSON results, plain-text tables, run metadata, timing.
 
 Importing it puts the checkout's root on `sys.path`: the scripts use `apps.resrep` from the checkout (an
 install names it `reparam_apps`), whatever folder they are started from.
@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -65,3 +69,25 @@ def machine_meta(**extra: Any) -> dict[str, Any]:
         except PackageNotFoundError:
             meta[package] = None
     return {**meta, **extra}
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each closure, measured interleaved: one call of each per round, the
+    order rotating from round to round (so drifting machine load and cache state hit all of them alike),
+    after `warmup` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for round_ in range(warmup + rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.no_grad()
+def latencies(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per forward of each model on `x` (no_grad), measured `interleaved`."""
+    return interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats, warmup)

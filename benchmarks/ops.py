@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine_meta, print_table, write_json
+from common import latencies, machine_meta, print_table, write_json
 
-from reparam.demo import calibrate, dbb_resnet, latencies, parameter_count, repvgg_net
+from reparam.demo import calibrate, dbb_resnet, parameter_count, repvgg_net
 from reparam.merge import merge
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ops.json"

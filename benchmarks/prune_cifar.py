@@ -33,7 +33,7 @@ message instead of stopping the benchmark.
 The report counts MACs and parameters of every final model with one counter
 (`reparam.graph.trace(...).macs()/params()`, per image) after folding every BatchNorm with
 `reparam.merge`, and times the first seed's models and the base in one interleaved loop
-(`reparam.demo.latencies`: eval mode, no_grad, warm-up, median of rounds) at batch 1 and 64 on the CPU.
+(`common.latencies`: eval mode, no_grad, warm-up, median of rounds) at batch 1 and 64 on the CPU.
 Training time is the sum of the per-epoch training times in the runs' ``log.csv`` (kept across resumes;
 evaluation and export excluded). Results: a markdown table on stdout, ``<results>/prune_cifar_<mode>_e<E>.json``
 (``..._ablation.json`` for the ablation) and, with more than one target, ``..._curve.png``.
@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import machine_meta, write_json
+from common import latencies, machine_meta, write_json
 from torch import nn
 
 import reparam
@@ -88,7 +88,6 @@ from apps.resrep.models import (
 )
 from apps.resrep.selection import select_masks
 from reparam.atomic import atomic_save
-from reparam.demo import latencies
 from reparam.graph import ChannelGroup, load_pruned, prune, save_pruned, trace
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine_meta, print_table, write_json
+from common import interleaved, latencies, machine_meta, print_table, write_json
 from torch import nn
 
 from apps.resrep import ResRep, ResRepConfig
@@ -41,7 +41,6 @@ from apps.resrep.checkpoint import load_file
 from apps.resrep.cli import restore_resrep
 from apps.resrep.data import DataInfo
 from apps.resrep.models import ModelConfig, build_model, deploy_shell
-from reparam.demo import latencies
 from reparam.graph import trace
 from reparam.merge import merge
 
@@ -73,20 +72,6 @@ def _stepper(
     return step
 
 
-def _interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each closure, one call of each per round, the order rotating."""
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    names = list(steps)
-    for r in range(warmup + rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            steps[name]()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def train_step(arch: str, batch: int, seconds: float) -> dict:
     """Plain SGD step vs ResRep steps (residual and paper mode) on one batch."""
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -102,9 +87,9 @@ def train_step(arch: str, batch: int, seconds: float) -> dict:
         rr = ResRep(_base(arch), x[:2].contiguous(), ResRepConfig(mode=mode, recipe="budget"), total_iters=10**6)
         rrs[mode] = rr
         steps[f"resrep-{mode}"] = _stepper(rr.model, rr.optimizer(), x, y, rr)
-    probe = _interleaved(steps, rounds=1, warmup=2)
+    probe = interleaved(steps, rounds=1, warmup=2)
     rounds = max(7, int(seconds / sum(probe.values())))
-    t = _interleaved(steps, rounds)
+    t = interleaved(steps, rounds)
     select = []
     for _ in range(5):
         start = time.perf_counter()

@@ -6,8 +6,6 @@ network of the merged shape directly (blocks replaced by their `deploy_module`).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -87,25 +85,6 @@ def calibrate(model: nn.Module, input_shape: Sequence[int], steps: int = 3) -> n
     return model.eval()
 
 
-@torch.no_grad()
-def latencies(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per forward of each model on `x`, measured interleaved (one call of each per
-    round, the order rotating from round to round, so that drifting machine load and cache state
-    hit all of them alike), after `warmup` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
-    for round_ in range(warmup + repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            model = models[name]
-            start = time.perf_counter()
-            model(x)
-            elapsed = time.perf_counter() - start
-            if round_ >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -115,31 +94,27 @@ def _rows(name: str, build: Callable[[], nn.Module], input_shape: tuple[int, ...
     model = calibrate(build(), input_shape)
     x = torch.randn(*input_shape)
     merged = merge(model, x, verify=True)
-    timing = latencies({"train": model, "merged": merged}, x, repeats=5)
     return [
         name,
         f"{parameter_count(model):,}",
         f"{parameter_count(merged):,}",
+        str(sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))),
+        str(sum(1 for m in merged.modules() if isinstance(m, nn.Conv2d))),
         f"{merged.merge_report.max_rel_error:.1e}",
-        f"{timing['train']:.4f}",
-        f"{timing['merged']:.4f}",
-        f"{timing['train'] / timing['merged']:.2f}x",
     ]
 
 
 def main() -> None:
     """Build a small RepVGG-style and a small DBB network, merge them, print a table."""
     shape = (4, 3, 32, 32)
-    torch.set_num_threads(1)  # single-thread latency: stable on a busy machine, and the demo stays short
     rows = [
         _rows("RepVGG-style (16-32-64)", lambda: repvgg_net((16, 32, 64), (1, 2, 2)), shape),
         _rows("DBB ResNet (16-32-64)", lambda: dbb_resnet((16, 32, 64), (1, 1, 1)), shape),
     ]
-    header = ["network", "params train", "params merged", "max rel err", "train s", "merged s", "speed-up"]
+    header = ["network", "params train", "params merged", "convs train", "convs merged", "max rel err"]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    print(f"reparam ops demo: batch {shape[0]}, {shape[2]}x{shape[3]} input, float32, CPU, 1 thread")
+    print(f"reparam ops demo: batch {shape[0]}, {shape[2]}x{shape[3]} input, float32")
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
-    print(
-        "max rel err = max|merged − original| / max|original| on the batch (eval mode); latency = median forward seconds"
-    )
+    print("max rel err = max|merged − original| / max|original| on the batch (eval mode)")
+    print("latency of train form vs merged: python benchmarks/ops.py")

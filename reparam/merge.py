@@ -17,21 +17,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from reparam.ops.blocks.base import MergeableBlock
 from reparam.ops.blocks.registry import is_registered_block
 from reparam.ops.errors import MergeError
-from reparam.ops.norm import NormStats, fuse_bn, fuse_bn_transposed
+from reparam.ops.modules import is_batch_norm, norm_stats_from_module
+from reparam.ops.norm import fuse_bn, fuse_bn_transposed
 from reparam.verify import verify_equivalence
 
 __all__ = ["MergeReport", "fold_norm_into", "merge"]
-
-
-def _is_norm(module: nn.Module) -> bool:
-    """A batch norm `NormStats` can fold (torchvision's FrozenBatchNorm2d recognised by name: no torchvision import)."""
-    return isinstance(module, _BatchNorm) or type(module).__name__ == "FrozenBatchNorm2d"
 
 
 @dataclass
@@ -52,7 +47,7 @@ class _Tracer(fx.Tracer):
     """The default tracer, also keeping torchvision's FrozenBatchNorm2d as one call."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_norm(m) or super().is_leaf_module(m, module_qualified_name)
+        return is_batch_norm(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -116,7 +111,7 @@ def _fold_reason(root: nn.Module, bn_node: fx.Node, calls: Counter, shapes: bool
 def fold_norm_into(layer: nn.Module, bn: nn.Module, name: str | None = None) -> None:
     """Fold the eval-mode norm `bn` that reads `layer`'s output into `layer`, in place (a bias is added if
     it has none); `bn` itself is left as it is, for the caller to drop. `name` labels errors."""
-    stats = NormStats.from_module(bn, name=name)
+    stats = norm_stats_from_module(bn, name=name)
     with torch.no_grad():
         if isinstance(layer, _ConvNd) and layer.transposed:
             kernel, bias = fuse_bn_transposed(layer.weight, layer.bias, stats, layer.groups)
@@ -151,7 +146,7 @@ def _fold_norms(module: nn.Module, prefix: str, inputs: tuple[Tensor, ...] | Non
             report.skipped.append(f"shape propagation failed in {prefix or type(module).__name__}: {err}")
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     for node in graph.nodes:
-        if node.op != "call_module" or not _is_norm(module.get_submodule(node.target)):
+        if node.op != "call_module" or not is_batch_norm(module.get_submodule(node.target)):
             continue
         bn_path = _join(prefix, node.target)
         reason = _fold_reason(module, node, calls, shapes)

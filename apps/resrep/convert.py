@@ -32,7 +32,7 @@ from reparam.graph import ChannelGraph, ChannelGroup, prune, trace
 from reparam.graph.tracing import as_tuple
 from reparam.merge import fold_norm_into
 from reparam.ops.blocks import Compactor
-from reparam.ops.geometry import ConvGeometry
+from reparam.ops.modules import geometry_from_module, geometry_to_module
 from reparam.verify import relative_error
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def biased_like(layer: nn.Module) -> nn.Module:
     kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
     if isinstance(layer, nn.Linear):
         return nn.Linear(layer.in_features, layer.out_features, bias=True, **kw)
-    return ConvGeometry.from_module(layer).to_module(layer.in_channels, layer.out_channels, True, **kw)
+    return geometry_to_module(geometry_from_module(layer), layer.in_channels, layer.out_channels, True, **kw)
 
 
 def _plain_layer(layer: nn.Module, kernel: Tensor, bias: Tensor) -> nn.Module:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..ops.geometry import ConvGeometry
+from ..ops.modules import geometry_from_module
 from ..ops.norm import propagate_bias
 from .channel_graph import ChannelGraph, ChannelGroup, trace
 from .rules import describe, lookup_rule, rule_unary
@@ -154,7 +154,7 @@ def _fold_group(
         for name, value in found:
             m = work.get_submodule(name)
             v = (value.reshape(-1) * is_dead).to(m.weight.dtype)  # live channels stay inputs
-            geometry = None if isinstance(m, nn.Linear) else ConvGeometry.from_module(m)
+            geometry = None if isinstance(m, nn.Linear) else geometry_from_module(m)
             bias = propagate_bias(m.weight.detach(), None if m.bias is None else m.bias.detach(), v, geometry)
             m.bias = nn.Parameter(bias)
     return None

@@ -1,12 +1,13 @@
-"""Kernel algebra (pure functions over numpy or torch arrays) and mergeable blocks.
+"""Kernel algebra (pure functions over any array-API array: numpy, torch, jax …) and mergeable blocks.
 
-Every function here is exact or raises `MergeError`; see each docstring for the math.
+Every algebra function is exact or raises `MergeError`; see each docstring for the math. The algebra
+imports no torch: with torch installed this package also holds the torch side (`conv_nd`, the module
+readers and builders of `reparam.ops.modules`, and the blocks of `reparam.ops.blocks`).
 """
 
 from .branches import (
     add_branches,
     avg_pool_kernel,
-    check_avg_pool_mergeable,
     dilate_kernel,
     dirac_plus,
     embed_kernel,
@@ -15,8 +16,8 @@ from .branches import (
 )
 from .concat import concat_out, split_in, ungroup_kernel
 from .errors import MergeError
-from .geometry import AsymmetricPadConv, ConvGeometry, PadNd, conv_nd, pad_nd
-from .linear import conv1x1_to_linear, conv_to_fc, conv_to_linear, linear_to_conv, repeat_norm_for_fc
+from .geometry import ConvGeometry
+from .linear import conv1x1_to_linear, conv_to_linear, linear_to_conv, repeat_norm_for_fc
 from .norm import (
     NormStats,
     bn_scale_shift,
@@ -41,84 +42,127 @@ from .sequential import (
 )
 from .slicing import matching_group_channels, select_in, select_norm, select_out
 
+try:
+    import torch as _torch
+except ImportError:  # the algebra above still works on numpy / jax / any array-API library
+    _torch = None
+
+if _torch is not None:
+    from .blocks import (
+        ACBlock,
+        Compactor,
+        DilatedReparamBlock,
+        DiverseBranchBlock,
+        MergeableBlock,
+        MobileOneBlock,
+        PostBNBlock,
+        RepLKBlock,
+        RepVGGBlock,
+        register_block,
+    )
+    from .modules import (
+        AsymmetricPadConv,
+        PadNd,
+        check_avg_pool_mergeable,
+        geometry_from_module,
+        geometry_to_module,
+        is_batch_norm,
+        norm_stats_from_module,
+    )
+    from .torch_conv import conv_nd, conv_to_fc, pad_nd
+
 __all__ = [
-    "MergeError",
-    # geometry
-    "ConvGeometry",
-    "PadNd",
+    "ACBlock",
     "AsymmetricPadConv",
-    "conv_nd",
-    "pad_nd",
-    # norm / affine (A)
+    "Compactor",
+    "ConvGeometry",
+    "DilatedReparamBlock",
+    "DiverseBranchBlock",
+    "MergeError",
+    "MergeableBlock",
+    "MobileOneBlock",
     "NormStats",
+    "PadNd",
+    "PostBNBlock",
+    "RepLKBlock",
+    "RepVGGBlock",
+    "add_branches",
+    "avg_pool_kernel",
     "bn_scale_shift",
+    "check_avg_pool_mergeable",
+    "compose",
+    "compose_1x1_kxk",
+    "compose_affine",
+    "compose_depthwise_pointwise",
+    "compose_kxk_1x1",
+    "compose_linear",
+    "composed_groups",
+    "concat_out",
+    "conv1x1_to_linear",
+    "conv_nd",
+    "conv_to_fc",
+    "conv_to_linear",
+    "dilate_kernel",
+    "dirac_plus",
+    "embed_kernel",
+    "embed_offset",
+    "fold_norm_affine",
     "fuse_bn",
     "fuse_bn_transposed",
     "fuse_pre_bn",
-    "compose_affine",
-    "scale_out",
-    "scale_in",
-    "fold_norm_affine",
-    "propagate_bias",
-    "shift_to_bias",
-    # branches (B, D)
-    "add_branches",
-    "embed_kernel",
-    "embed_offset",
-    "dilate_kernel",
+    "geometry_from_module",
+    "geometry_to_module",
     "identity_kernel",
-    "avg_pool_kernel",
-    "check_avg_pool_mergeable",
-    "dirac_plus",
-    # sequential (C)
-    "compose",
-    "compose_1x1_kxk",
-    "compose_kxk_1x1",
-    "compose_linear",
-    "compose_depthwise_pointwise",
-    "composed_groups",
-    "pad_value_for_1x1_bias",
-    # concat (E)
-    "concat_out",
-    "split_in",
-    "ungroup_kernel",
-    # linear (F)
+    "is_batch_norm",
     "linear_to_conv",
-    "conv1x1_to_linear",
-    "conv_to_linear",
-    "conv_to_fc",
+    "matching_group_channels",
+    "norm_stats_from_module",
+    "pad_nd",
+    "pad_value_for_1x1_bias",
+    "propagate_bias",
+    "register_block",
     "repeat_norm_for_fc",
-    # slicing (G)
-    "select_out",
+    "scale_in",
+    "scale_out",
     "select_in",
     "select_norm",
-    "matching_group_channels",
+    "select_out",
+    "shift_to_bias",
+    "split_in",
+    "ungroup_kernel",
 ]
 
-# blocks — the mergeable nn.Modules built on the algebra above (imports and __all__ additions below).
-from .blocks import (  # noqa: E402  (the blocks import the algebra above)
-    ACBlock,
-    Compactor,
-    DilatedReparamBlock,
-    DiverseBranchBlock,
-    MergeableBlock,
-    MobileOneBlock,
-    PostBNBlock,
-    RepLKBlock,
-    RepVGGBlock,
-    register_block,
+_TORCH_SIDE = frozenset(
+    {
+        "ACBlock",
+        "AsymmetricPadConv",
+        "Compactor",
+        "DilatedReparamBlock",
+        "DiverseBranchBlock",
+        "MergeableBlock",
+        "MobileOneBlock",
+        "PadNd",
+        "PostBNBlock",
+        "RepLKBlock",
+        "RepVGGBlock",
+        "check_avg_pool_mergeable",
+        "conv_nd",
+        "conv_to_fc",
+        "geometry_from_module",
+        "geometry_to_module",
+        "is_batch_norm",
+        "norm_stats_from_module",
+        "pad_nd",
+        "register_block",
+    }
 )
+"""The names that need torch (modules, blocks, functional convolutions)."""
 
-__all__ += [
-    "MergeableBlock",
-    "register_block",
-    "RepVGGBlock",
-    "ACBlock",
-    "DiverseBranchBlock",
-    "MobileOneBlock",
-    "RepLKBlock",
-    "DilatedReparamBlock",
-    "PostBNBlock",
-    "Compactor",
-]
-# blocks: end
+if _torch is None:
+    __all__ = [n for n in __all__ if n not in _TORCH_SIDE]
+
+
+def __getattr__(name: str):
+    if name in _TORCH_SIDE:
+        raise ImportError(f"reparam.ops.{name} needs torch, which is not installed; the array algebra works without it")
+    raise AttributeError(f"module 'reparam.ops' has no attribute {name!r}")

@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from torch import nn
-
-from ._array import Array, device_of, namespace, zeros_like_dtype
+from ._array import Array, device_of, namespace, place_taps
 from .errors import MergeError
 from .geometry import ConvGeometry
 
@@ -23,7 +21,6 @@ __all__ = [
     "dilate_kernel",
     "identity_kernel",
     "avg_pool_kernel",
-    "check_avg_pool_mergeable",
     "dirac_plus",
 ]
 
@@ -61,9 +58,7 @@ def dilate_kernel(kernel: Array, rate: Sequence[int]) -> Array:
         raise ValueError(f"dilate_kernel: rate {rate} does not fit a kernel with spatial shape {spatial}")
     if all(r == 1 for r in rate):
         return kernel
-    out = zeros_like_dtype(tuple(kernel.shape[:2]) + tuple(r * (k - 1) + 1 for k, r in zip(spatial, rate)), kernel)
-    out[(slice(None), slice(None)) + tuple(slice(None, None, r) for r in rate)] = kernel
-    return out
+    return place_taps(kernel, tuple(r * (k - 1) + 1 for k, r in zip(spatial, rate)), (0,) * len(rate), rate)
 
 
 def embed_offset(src: ConvGeometry, dst: ConvGeometry, src_kernel_size: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -118,9 +113,7 @@ def embed_kernel(kernel: Array, src: ConvGeometry, dst: ConvGeometry) -> Array:
     offsets = embed_offset(src, dst, ks)
     if ks == tuple(dst.kernel_size):
         return kernel
-    out = zeros_like_dtype(tuple(kernel.shape[:2]) + tuple(dst.kernel_size), kernel)
-    out[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, ks))] = kernel
-    return out
+    return place_taps(kernel, dst.kernel_size, offsets)
 
 
 def _group_eye(channels: int, groups: int, like: Array) -> Array:
@@ -134,9 +127,8 @@ def _group_eye(channels: int, groups: int, like: Array) -> Array:
 
 
 def _place_at_tap(mat: Array, kernel_size: Sequence[int], tap: Sequence[int], like: Array) -> Array:
-    out = zeros_like_dtype(tuple(mat.shape) + tuple(kernel_size), like)
-    out[(slice(None), slice(None)) + tuple(int(t) for t in tap)] = mat
-    return out
+    xp = namespace(like)
+    return place_taps(xp.reshape(mat, tuple(mat.shape) + (1,) * len(kernel_size)), kernel_size, tap)
 
 
 def identity_kernel(channels: int, groups: int, geometry: ConvGeometry, *, like: Array) -> Array:
@@ -159,43 +151,12 @@ def identity_kernel(channels: int, groups: int, geometry: ConvGeometry, *, like:
 
 def avg_pool_kernel(channels: int, groups: int, kernel_size: Sequence[int], *, like: Array) -> Array:
     """D2, average pooling as a conv kernel: ``W[o, o mod (C/g), …] = 1/∏k`` (use the pool's
-    stride and padding; exact with ``count_include_pad=True``, see `check_avg_pool_mergeable`)."""
+    stride and padding; exact with ``count_include_pad=True``, see `reparam.ops.modules.check_avg_pool_mergeable`)."""
     xp = namespace(like)
     kernel_size = tuple(int(k) for k in kernel_size)
     eye = _group_eye(channels, groups, like) / math.prod(kernel_size)
     ones = xp.ones(kernel_size, dtype=like.dtype, device=device_of(like))
     return xp.reshape(eye, tuple(eye.shape) + (1,) * len(kernel_size)) * ones
-
-
-def check_avg_pool_mergeable(pool: nn.Module, *, groups: int = 1, name: str | None = None) -> ConvGeometry:
-    """Refuse an average pool that is not a fixed convolution; return its conv geometry.
-
-    Not a convolution: ``count_include_pad=False`` with padding (border divisor changes),
-    ``ceil_mode=True`` (extra partial windows), ``divisor_override``. `groups` goes into the geometry.
-    """
-    label = f"{name} ({type(pool).__name__})" if name else type(pool).__name__
-    ndims = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
-    ndim = next((n for cls, n in ndims.items() if isinstance(pool, cls)), None)
-    if ndim is None:
-        raise MergeError(f"{label} is not an AvgPool1d/2d/3d and is not a linear convolution")
-    k = pool.kernel_size
-    stride = pool.stride if pool.stride not in (None, (), []) else k
-    pad = pool.padding
-    geometry = ConvGeometry.create(k, stride, pad if isinstance(pad, int) else tuple(pad), 1, groups, ndim=ndim)
-    if not pool.count_include_pad and geometry.pads:
-        raise MergeError(
-            f"{label} has count_include_pad=False with padding {pad}: border windows divide by fewer "
-            "elements, which no fixed kernel does; use count_include_pad=True or padding=0"
-        )
-    if pool.ceil_mode:
-        raise MergeError(
-            f"{label} has ceil_mode=True: the extra partial windows are not a convolution; use ceil_mode=False"
-        )
-    if getattr(pool, "divisor_override", None) is not None:
-        raise MergeError(
-            f"{label} has divisor_override={pool.divisor_override}; remove it (or scale the kernel yourself)"
-        )
-    return geometry
 
 
 def dirac_plus(kernel: Array, groups: int = 1) -> Array:

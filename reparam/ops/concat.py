@@ -43,10 +43,9 @@ def ungroup_kernel(kernel: Array, groups: int, new_groups: int = 1) -> Array:
         raise MergeError(f"ungroup_kernel: {o} output channels are not divisible by groups={groups}")
     spatial = tuple(kernel.shape[2:])
     kg = xp.reshape(kernel, (new_groups, f, o // groups, n) + spatial)
-    out = zeros_like_dtype((new_groups, f, o // groups, f, n) + spatial, kernel)
-    for a in range(f):
-        out[:, a, :, a, ...] = kg[:, a, ...]
-    return xp.reshape(out, (o, f * n) + spatial)
+    zero = zeros_like_dtype((new_groups, o // groups, n) + spatial, kernel)
+    rows = [xp.stack([kg[:, a, ...] if b == a else zero for b in range(f)], axis=2) for a in range(f)]
+    return xp.reshape(xp.stack(rows, axis=1), (o, f * n) + spatial)  # (G, f, O/g, f, I/g, k…): block-diagonal
 
 
 def split_in(kernel: Array, sizes: Sequence[int], groups: int = 1) -> list[Array]:

@@ -1,4 +1,4 @@
-"""The geometry of a convolution, separated from its weights.
+"""The geometry of a convolution, separated from its weights (pure Python: no array library).
 
 A `ConvGeometry` says which input positions each kernel tap reads: output position ``i`` (per
 spatial dim) reads input ``s·i − P_before + d·u`` for tap ``u``; reads outside the input see the
@@ -11,19 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from .errors import MergeError
-
-__all__ = ["ConvGeometry", "PadNd", "AsymmetricPadConv", "conv_nd", "pad_nd"]
+__all__ = ["ConvGeometry"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_F_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_F_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 PaddingSpec = int | str | Sequence[int] | Sequence[Sequence[int]]
 
@@ -99,34 +89,6 @@ class ConvGeometry:
             pads = tuple((int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in items)
         return cls(k, _tuple(stride, ndim, "stride"), d, pads, int(groups), padding_mode)
 
-    @classmethod
-    def from_module(cls, conv: nn.Module) -> ConvGeometry:
-        """The geometry of an ``nn.ConvNd`` / ``nn.ConvTransposeNd`` (string paddings included) or
-        an `AsymmetricPadConv`."""
-        if isinstance(conv, AsymmetricPadConv):
-            return conv.geometry
-        if not isinstance(conv, nn.modules.conv._ConvNd):
-            raise MergeError(f"{type(conv).__name__} is not a convolution")
-        n = len(conv.kernel_size)
-        if conv.transposed:
-            if isinstance(conv.padding, str):
-                raise MergeError(f"{type(conv).__name__}: string padding on a transposed conv is not supported")
-            return cls(
-                tuple(conv.kernel_size),
-                tuple(conv.stride),
-                tuple(conv.dilation),
-                tuple((int(p), int(p)) for p in conv.padding),
-                conv.groups,
-                conv.padding_mode,
-                True,
-                tuple(int(p) for p in conv.output_padding),
-            )
-        rp = conv._reversed_padding_repeated_twice  # last spatial dim first, (before, after) pairs
-        pads = tuple((int(rp[2 * (n - 1 - i)]), int(rp[2 * (n - 1 - i) + 1])) for i in range(n))
-        return cls(
-            tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), pads, conv.groups, conv.padding_mode
-        )
-
     def replace(self, **changes) -> ConvGeometry:
         """A copy with some fields changed."""
         fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -174,118 +136,3 @@ class ConvGeometry:
         return tuple(
             (n + b + a - e) // s + 1 for n, s, (b, a), e in zip(input_size, self.stride, self.padding, self.extent)
         )
-
-    # ------------------------------------------------------------------ modules
-    def to_module(self, in_channels: int, out_channels: int, bias: bool, *, device=None, dtype=None) -> nn.Module:
-        """A fresh module with this geometry: ``nn.ConvNd`` (or ``nn.ConvTransposeNd``) when the
-        padding is symmetric and non-negative, else an `AsymmetricPadConv`."""
-        kw = dict(device=device, dtype=dtype)
-        if self.transposed:
-            if not self.is_symmetric:
-                raise MergeError("a transposed conv with asymmetric padding has no nn.ConvTranspose equivalent")
-            return _CONV_T[self.ndim](
-                in_channels,
-                out_channels,
-                self.kernel_size,
-                self.stride,
-                tuple(b for b, _ in self.padding),
-                self.output_padding or 0,
-                self.groups,
-                bias,
-                self.dilation,
-                self.padding_mode,
-                **kw,
-            )
-        if self.is_symmetric and all(b >= 0 for b, _ in self.padding):
-            return _CONV[self.ndim](
-                in_channels,
-                out_channels,
-                self.kernel_size,
-                self.stride,
-                tuple(b for b, _ in self.padding),
-                self.dilation,
-                self.groups,
-                bias,
-                self.padding_mode,
-                **kw,
-            )
-        conv = _CONV[self.ndim](
-            in_channels, out_channels, self.kernel_size, self.stride, 0, self.dilation, self.groups, bias, **kw
-        )
-        return AsymmetricPadConv(PadNd(self.f_pad(), self.padding_mode), conv)
-
-
-def pad_nd(x: torch.Tensor, pad: list[int], mode: str = "zeros") -> torch.Tensor:
-    """``F.pad`` with conv padding-mode names; positive entries pad (by `mode`), then negative ones crop."""
-    grow = [p if p > 0 else 0 for p in pad]
-    crop = [p if p < 0 else 0 for p in pad]
-    if max(grow) > 0:
-        x = F.pad(x, grow) if mode == "zeros" else F.pad(x, grow, mode=mode)
-    if min(crop) < 0:
-        x = F.pad(x, crop)
-    return x
-
-
-class PadNd(nn.Module):
-    """``pad_nd`` as a module (TorchScript- and ONNX-exportable): `pad` in ``F.pad`` order."""
-
-    def __init__(self, pad: Sequence[int], mode: str = "zeros") -> None:
-        super().__init__()
-        self.pad: list[int] = [int(p) for p in pad]
-        self.mode = mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pad_nd(x, self.pad, self.mode)
-
-    def extra_repr(self) -> str:
-        return f"pad={tuple(self.pad)}, mode={self.mode!r}"
-
-
-class AsymmetricPadConv(nn.Sequential):
-    """``PadNd`` followed by an unpadded conv: a convolution whose padding differs per side."""
-
-    __jit_unused_properties__ = ["conv", "weight", "bias", "geometry"]
-
-    def __init__(self, pad: PadNd, conv: nn.modules.conv._ConvNd) -> None:
-        super().__init__(pad, conv)
-
-    @property
-    def conv(self) -> nn.modules.conv._ConvNd:
-        return self[1]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self[1].weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self[1].bias
-
-    @property
-    def geometry(self) -> ConvGeometry:
-        pad = self[0].pad
-        n = len(pad) // 2
-        inner = ConvGeometry.from_module(self[1])
-        return inner.replace(
-            padding=tuple((pad[2 * (n - 1 - i)], pad[2 * (n - 1 - i) + 1]) for i in range(n)), padding_mode=self[0].mode
-        )
-
-
-def conv_nd(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry) -> torch.Tensor:
-    """Apply a convolution of `geometry` (any padding, per side and mode) with torch.nn.functional."""
-    n = geometry.ndim
-    if geometry.transposed:
-        if not geometry.is_symmetric:
-            raise MergeError("a transposed conv with asymmetric padding is not supported")
-        return _F_CONV_T[n](
-            x,
-            kernel,
-            bias,
-            geometry.stride,
-            tuple(b for b, _ in geometry.padding),
-            geometry.output_padding or 0,
-            geometry.groups,
-            geometry.dilation,
-        )
-    x = pad_nd(x, list(geometry.f_pad()), geometry.padding_mode)
-    return _F_CONV[n](x, kernel, bias, geometry.stride, 0, geometry.dilation, geometry.groups)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-
 from ._array import Array, namespace
 from .errors import MergeError
-from .geometry import ConvGeometry, conv_nd
+from .geometry import ConvGeometry
 from .norm import NormStats
 
-__all__ = ["linear_to_conv", "conv1x1_to_linear", "conv_to_linear", "conv_to_fc", "repeat_norm_for_fc"]
+__all__ = ["linear_to_conv", "conv1x1_to_linear", "conv_to_linear", "repeat_norm_for_fc"]
 
 
 def linear_to_conv(weight: Array, ndim: int) -> Array:
@@ -52,25 +50,6 @@ def conv_to_linear(
             f"conv_to_linear: padding {geometry.padding} / groups {geometry.groups} — needs padding 0, groups 1"
         )
     return namespace(kernel).reshape(kernel, (kernel.shape[0], math.prod(input_shape))), bias
-
-
-def conv_to_fc(
-    kernel: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry, input_shape: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """F3, any conv on a fixed input ``C × H × W…`` as a Linear from the flattened input to the
-    flattened output: column j is the conv (without bias) of the j-th basis image,
-    ``W_fc[:, j] = flatten(conv(e_j))``, and the bias repeats per output position. Exact for every
-    padding mode, stride and group count because the conv is linear. Torch tensors only."""
-    if not isinstance(kernel, torch.Tensor):
-        raise TypeError("conv_to_fc probes the conv with torch.nn.functional and takes torch tensors only")
-    input_shape = tuple(int(n) for n in input_shape)
-    n_in = math.prod(input_shape)
-    basis = torch.eye(n_in, dtype=kernel.dtype, device=kernel.device).reshape((n_in,) + input_shape)
-    out = conv_nd(basis, kernel, None, geometry)  # (n_in, O, H', W'…)
-    weight = out.reshape(n_in, -1).transpose(0, 1)
-    positions = math.prod(out.shape[2:])
-    fc_bias = None if bias is None else bias.repeat_interleave(positions)
-    return weight, fc_bias
 
 
 def repeat_norm_for_fc(stats: NormStats, hw: int) -> NormStats:

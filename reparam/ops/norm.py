@@ -9,10 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torchvision.ops import FrozenBatchNorm2d
-
 from ._array import Array, channel_view, namespace
 from .errors import MergeError
 from .geometry import ConvGeometry
@@ -46,38 +42,6 @@ class NormStats:
     @property
     def num_features(self) -> int:
         return self.mean.shape[0]
-
-    @classmethod
-    def from_module(cls, bn: nn.Module, name: str | None = None) -> NormStats:
-        """Statistics of a BatchNorm1d/2d/3d, SyncBatchNorm or torchvision FrozenBatchNorm2d.
-
-        Refuses (MergeError) a BN that normalises with batch statistics: in training mode, or
-        without running statistics (``track_running_stats=False``), or one with a fused activation.
-        The returned tensors are the module's own (not detached), so gradients flow through them.
-        """
-        label = f"{name} ({type(bn).__name__})" if name else type(bn).__name__
-        frozen = isinstance(bn, FrozenBatchNorm2d)  # always normalises with its buffers
-        if not (isinstance(bn, _BatchNorm) or frozen):
-            raise MergeError(
-                f"{label} is not a batch norm; only BatchNorm1d/2d/3d, SyncBatchNorm and FrozenBatchNorm2d fold"
-            )
-        if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
-            raise MergeError(
-                f"{label} has no running statistics (track_running_stats=False): it normalises with batch "
-                "statistics, which no fixed kernel reproduces; train with track_running_stats=True"
-            )
-        if bn.training and not frozen:
-            raise MergeError(
-                f"{label} is in training mode and normalises with batch statistics; call .eval() before merging"
-            )
-        act = getattr(bn, "act", None)
-        if act is not None and not isinstance(act, nn.Identity):
-            raise MergeError(
-                f"{label} applies an activation ({type(act).__name__}) after normalising; only a plain affine folds"
-            )
-        weight = getattr(bn, "weight", None)
-        bias = getattr(bn, "bias", None)
-        return cls(bn.running_mean, bn.running_var, weight, bias, float(bn.eps))
 
     def map(self, fn) -> NormStats:
         """Apply `fn` to every per-channel array (None stays None)."""

@@ -12,7 +12,7 @@ import itertools
 import math
 from collections.abc import Sequence
 
-from ._array import Array, namespace, zeros_like_dtype
+from ._array import Array, namespace, place_taps, zeros_like_dtype
 from .concat import ungroup_kernel
 from .errors import MergeError
 from .geometry import ConvGeometry
@@ -75,11 +75,8 @@ def _compose_kernels(
     out = zeros_like_dtype((o, ig) + fine, k1)
     for u in itertools.product(*[range(b) for b in sp2]):
         part = xp.reshape(xp.matmul(w2g[(slice(None),) * 3 + u], w1g), (o, ig) + sp1)
-        idx = tuple(
-            slice(s1 * d2 * ui, s1 * d2 * ui + d1 * (a - 1) + 1, d1)
-            for ui, a, s1, d1, d2 in zip(u, sp1, stride1, dilation1, dilation2)
-        )
-        out[(slice(None), slice(None)) + idx] = out[(slice(None), slice(None)) + idx] + part
+        offsets = tuple(s1 * d2 * ui for ui, s1, d2 in zip(u, stride1, dilation2))
+        out = out + place_taps(part, fine, offsets, dilation1)
     spacing = _merged_spacing(sp1, dilation1, stride1, sp2, dilation2)
     if any(sp > 1 for sp in spacing):
         out = out[(slice(None), slice(None)) + tuple(slice(None, None, sp) for sp in spacing)]

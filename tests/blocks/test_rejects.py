@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pytest
 from torch import nn
@@ -10,6 +11,7 @@ from torch import nn
 from reparam.ops import MergeError
 from reparam.ops.blocks import (
     ACBlock,
+    ConvBlock,
     DilatedReparamBlock,
     DiverseBranchBlock,
     MobileOneBlock,
@@ -62,3 +64,18 @@ def test_identity_is_added_exactly_when_representable():
     assert RepVGGBlock(4, 4, 4).bn_identity is None  # even kernel: no tap reads the pixel itself
     assert RepVGGBlock(4, 8, 3).bn_identity is None
     assert RepVGGBlock(4, 4, 3, identity=False).bn_identity is None
+
+
+@pytest.mark.parametrize("cls", BN_BLOCKS + (PostBNBlock,), ids=lambda c: c.__name__)
+def test_a_misspelt_option_names_the_block_and_its_options(cls):
+    with pytest.raises(TypeError, match=rf"{cls.__name__} got unexpected keyword arguments \['kernal'\]"):
+        cls(4, 4, 3, kernal=5)
+
+
+def test_a_block_signature_is_the_shared_one_plus_its_own_options():
+    shared = list(inspect.signature(ConvBlock).parameters)[:-1]  # without **options
+    for cls, own in ((RepVGGBlock, ["identity"]), (DiverseBranchBlock, ["internal_channels"]), (ACBlock, [])):
+        params = list(inspect.signature(cls).parameters)
+        assert params == shared[:8] + own + shared[8:], cls.__name__
+    block = RepVGGBlock(4, 4, 3, identity=False, conv_bias=True, norm=functools.partial(nn.BatchNorm2d, eps=0.1))
+    assert block.bn_identity is None and block.conv_kxk.conv.bias is not None and block.conv_1x1.bn.eps == 0.1

@@ -1,7 +1,10 @@
-"""The algebra is one set of functions over numpy and torch: same numbers on both, torch keeps
-dtype/device, and gradients flow through every merge (online re-parameterisation)."""
+"""The algebra is one set of functions over every array library: the same numbers on numpy, jax.numpy
+and array-api-strict as on torch, torch keeps dtype/device, and gradients flow through every merge
+(online re-parameterisation)."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from hypothesis import strategies as st
 from reparam import ops
 from reparam.ops import ConvGeometry, NormStats, conv_nd
 from reparam.testing import bn_stats, conv_layers, random_tensor, small_inputs, tensors
+from reparam.testing.backends import ARRAY_LIBRARIES, on_backend
 from reparam.verify import relative_error
 
 G3 = ConvGeometry.create(3, padding=1, groups=2)
@@ -59,7 +63,7 @@ CASES = {
     "compose_kxk_1x1": lambda t, d: ops.compose_kxk_1x1(t(d["k3"]), t(d["b4"]), t(d["k1"]), t(d["b4"]), 2, 2),
     "compose_linear": lambda t, d: ops.compose_linear(t(d["w"]), None, t(d["w"]), t(d["b4"])),
     "compose_depthwise_pointwise": lambda t, d: ops.compose_depthwise_pointwise(
-        t(d["dw"]), t(d["b4"]), t(d["w"]).reshape(4, 4, 1, 1), None, 4, 1
+        t(d["dw"]), t(d["b4"]), ops.linear_to_conv(t(d["w"]), 2), None, 4, 1
     ),
     "pad_value_for_1x1_bias": lambda t, d: ops.pad_value_for_1x1_bias(t(d["b4"]), _stats(t, d)),
     "concat_out": lambda t, d: ops.concat_out((t(d["k3"]), None), (t(d["k3"]), t(d["b4"]))),
@@ -110,8 +114,6 @@ def test_every_algebra_function_has_a_backend_case():
     exported = {name for module in (branches, concat, linear, norm, sequential, slicing) for name in module.__all__}
     not_array_functions = {
         "NormStats",
-        "conv_to_fc",
-        "check_avg_pool_mergeable",
         "composed_groups",
         "matching_group_channels",
         "embed_offset",
@@ -121,18 +123,26 @@ def test_every_algebra_function_has_a_backend_case():
     assert exported - not_array_functions <= covered, exported - not_array_functions - covered
 
 
+@pytest.mark.parametrize("library", [lib for lib in ARRAY_LIBRARIES if lib != "torch"])
 @pytest.mark.parametrize("name", sorted(CASES))
 @given(d=case_inputs)
-def test_numpy_and_torch_agree(name, d):
+def test_every_library_agrees_with_torch(name, library, d):
+    if importlib.util.find_spec(library) is None:
+        pytest.skip(f"{library} not installed")
     case = CASES[name]
     from_torch = _flat(case(lambda v: v, d))
-    from_numpy = case(lambda v: v.numpy(), d)
-    assert all(isinstance(a, np.ndarray) for a in _flat(from_numpy))
-    from_numpy = _flat(from_numpy)
-    assert len(from_torch) == len(from_numpy)
-    for a, b in zip(from_torch, from_numpy):
+    from_library = _flat(on_backend(case, library)(lambda v: v, d))
+    assert len(from_torch) == len(from_library)
+    for a, b in zip(from_torch, from_library):
         assert a.shape == b.shape and a.dtype == b.dtype == np.float64
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * max(1.0, np.abs(a).max()))
+
+
+def test_numpy_in_numpy_out():
+    d = _case_tensors(0)
+    for name, case in CASES.items():
+        out = case(lambda v: v.numpy(), d)
+        assert all(isinstance(a, np.ndarray) for a in _flat(out)), name
 
 
 def _online_kernel(k3, k1, gamma, beta, scale, mean, var):

@@ -23,6 +23,8 @@ from reparam.ops import (
 from reparam.testing import conv_geometries, conv_layers, divisors, small_inputs, tensors
 from reparam.verify import relative_error
 
+pytestmark = pytest.mark.usefixtures("array_library")  # every property on every array library
+
 TOL = 1e-10
 
 

@@ -11,6 +11,8 @@ from reparam.ops import MergeError, concat_out, conv_nd, split_in, ungroup_kerne
 from reparam.testing import conv_layers, divisors, small_inputs, tensors
 from reparam.verify import relative_error
 
+pytestmark = pytest.mark.usefixtures("array_library")  # every property on every array library
+
 TOL = 1e-10
 
 

@@ -8,7 +8,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
-from reparam.ops import AsymmetricPadConv, ConvGeometry, MergeError, conv_nd
+from reparam.ops import AsymmetricPadConv, ConvGeometry, MergeError, conv_nd, geometry_from_module, geometry_to_module
 from reparam.testing import PADDING_MODES, conv_geometries, divisors, small_inputs, tensors
 from reparam.verify import relative_error
 
@@ -35,7 +35,7 @@ def test_from_module_reads_every_padding_form(data):
     }[form]
     mode = data.draw(st.sampled_from(PADDING_MODES))
     conv = CONV[n](cin, cout, k, stride, padding, d, groups, data.draw(st.booleans()), mode, dtype=torch.float64)
-    g = ConvGeometry.from_module(conv)
+    g = geometry_from_module(conv)
     x = data.draw(small_inputs(cin, g))
     y = conv(x)
     assert g.output_size(x.shape[2:]) == tuple(y.shape[2:])
@@ -50,8 +50,8 @@ def test_to_module_builds_the_geometry(data):
     g = data.draw(conv_geometries(padding=data.draw(st.sampled_from(["any", "symmetric"]))))
     cin, cout = 2 * g.groups, g.groups
     g = g.replace(groups=data.draw(st.sampled_from([1, g.groups])))
-    m = g.to_module(cin, cout, True, dtype=torch.float64)
-    assert ConvGeometry.from_module(m) == g
+    m = geometry_to_module(g, cin, cout, True, dtype=torch.float64)
+    assert geometry_from_module(m) == g
     assert isinstance(m, nn.modules.conv._ConvNd if g.is_symmetric else AsymmetricPadConv)
     x = data.draw(small_inputs(cin, g))
     y = m(x)
@@ -61,7 +61,7 @@ def test_to_module_builds_the_geometry(data):
 
 def test_asymmetric_crop_pad_is_a_plain_pad_then_conv():
     g = ConvGeometry.create((3, 2), padding=((2, -1), (0, 1)), padding_mode="zeros")
-    m = g.to_module(1, 1, False, dtype=torch.float64)
+    m = geometry_to_module(g, 1, 1, False, dtype=torch.float64)
     x = torch.randn(1, 1, 5, 4, dtype=torch.float64)
     ref = nn.functional.conv2d(nn.functional.pad(x, (0, 1, 2, -1)), m.weight)
     assert torch.equal(m(x), ref) and g.output_size((5, 4)) == tuple(ref.shape[2:])
@@ -70,7 +70,7 @@ def test_asymmetric_crop_pad_is_a_plain_pad_then_conv():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 def test_asymmetric_pad_conv_scripts(mode):
-    m = ConvGeometry.create((3, 2), padding=((2, -1), (0, 1)), padding_mode=mode).to_module(2, 3, True)
+    m = geometry_to_module(ConvGeometry.create((3, 2), padding=((2, -1), (0, 1)), padding_mode=mode), 2, 3, True)
     x = torch.randn(1, 2, 6, 5)
     assert torch.equal(torch.jit.script(m)(x), m(x))
 
@@ -86,14 +86,14 @@ def test_transposed_geometry(data):
     p = tuple(data.draw(st.integers(0, (ki - 1) * di)) for ki, di in zip(k, d))
     op = tuple(data.draw(st.integers(0, max(si, di) - 1)) for si, di in zip(s, d))
     conv = CONV_T[n](2 * groups, 3 * groups, k, s, p, op, groups, True, d, dtype=torch.float64)
-    g = ConvGeometry.from_module(conv)
+    g = geometry_from_module(conv)
     assert g.transposed and g.output_padding == op
     x = data.draw(tensors((1, 2 * groups) + tuple(data.draw(st.integers(1, 3)) for _ in range(n))))
     assume(min(g.output_size(x.shape[2:])) >= 1)
     y = conv(x)
     assert g.output_size(x.shape[2:]) == tuple(y.shape[2:])
     assert torch.equal(conv_nd(x, conv.weight, conv.bias, g), y)
-    assert ConvGeometry.from_module(g.to_module(2 * groups, 3 * groups, True)) == g
+    assert geometry_from_module(geometry_to_module(g, 2 * groups, 3 * groups, True)) == g
 
 
 def test_invalid_geometries_are_rejected():
@@ -102,6 +102,6 @@ def test_invalid_geometries_are_rejected():
     with pytest.raises(ValueError):
         ConvGeometry((3, 3), (1,), (1, 1), ((1, 1), (1, 1)))
     with pytest.raises(MergeError):
-        ConvGeometry((3,), (1,), (1,), ((1, 2),), transposed=True).to_module(1, 1, False)
+        geometry_to_module(ConvGeometry((3,), (1,), (1,), ((1, 2),), transposed=True), 1, 1, False)
     with pytest.raises(MergeError, match="not a convolution"):
-        ConvGeometry.from_module(nn.Linear(2, 2))
+        geometry_from_module(nn.Linear(2, 2))

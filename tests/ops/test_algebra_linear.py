@@ -22,6 +22,8 @@ from reparam.ops import (
 from reparam.testing import bn_module, bn_stats, conv_layers, small_inputs, tensors
 from reparam.verify import relative_error
 
+pytestmark = pytest.mark.usefixtures("array_library")  # every property on every array library
+
 TOL = 1e-10
 
 

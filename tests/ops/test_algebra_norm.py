@@ -21,12 +21,16 @@ from reparam.ops import (
     fuse_bn,
     fuse_bn_transposed,
     fuse_pre_bn,
+    geometry_from_module,
+    norm_stats_from_module,
     propagate_bias,
     scale_in,
     scale_out,
 )
 from reparam.testing import bn_module, bn_stats, conv_layers, divisors, small_inputs, tensors
 from reparam.verify import relative_error
+
+pytestmark = pytest.mark.usefixtures("array_library")  # every property on every array library
 
 TOL = 1e-10
 
@@ -63,7 +67,7 @@ def test_fuse_bn_transposed_with_groups(data):
     conv = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[n](
         cin, cout, k, s, groups=groups, bias=data.draw(st.booleans()), dtype=torch.float64
     )
-    g = ConvGeometry.from_module(conv)
+    g = geometry_from_module(conv)
     stats = data.draw(bn_stats(cout))
     x = data.draw(tensors((2, cin) + tuple(data.draw(st.integers(1, 3)) for _ in range(n))))
     w2, b2 = fuse_bn_transposed(conv.weight, conv.bias, stats, groups)
@@ -211,7 +215,7 @@ def _filled(bn: nn.Module, c: int) -> nn.Module:
 @torch.no_grad()
 def test_norm_stats_from_every_batch_norm(make):
     bn = _filled(make(), 3)
-    s, t = bn_scale_shift(NormStats.from_module(bn))
+    s, t = bn_scale_shift(norm_stats_from_module(bn))
     x = torch.randn(2, 3, 2, 2)
     ref = F.batch_norm(
         x, bn.running_mean, bn.running_var, getattr(bn, "weight", None), getattr(bn, "bias", None), False, 0.0, bn.eps
@@ -223,12 +227,12 @@ def test_norm_stats_from_every_batch_norm(make):
 
 def test_norm_stats_refuses_batch_statistics():
     with pytest.raises(MergeError, match="training mode.*eval"):
-        NormStats.from_module(nn.BatchNorm2d(3).train(), name="layer1.0.bn1")
+        norm_stats_from_module(nn.BatchNorm2d(3).train(), name="layer1.0.bn1")
     with pytest.raises(MergeError, match="layer1.0.bn1"):
-        NormStats.from_module(nn.BatchNorm2d(3).train(), name="layer1.0.bn1")
+        norm_stats_from_module(nn.BatchNorm2d(3).train(), name="layer1.0.bn1")
     with pytest.raises(MergeError, match="track_running_stats"):
-        NormStats.from_module(nn.BatchNorm2d(3, track_running_stats=False).eval())
+        norm_stats_from_module(nn.BatchNorm2d(3, track_running_stats=False).eval())
     with pytest.raises(MergeError, match="not a batch norm"):
-        NormStats.from_module(nn.GroupNorm(1, 3))
+        norm_stats_from_module(nn.GroupNorm(1, 3))
     with pytest.raises(MergeError, match="channels"):
-        fuse_bn(torch.zeros(4, 3, 1), None, NormStats.from_module(nn.BatchNorm1d(3).eval()))
+        fuse_bn(torch.zeros(4, 3, 1), None, norm_stats_from_module(nn.BatchNorm1d(3).eval()))

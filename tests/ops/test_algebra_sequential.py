@@ -25,6 +25,8 @@ from reparam.ops import (
 from reparam.testing import bn_module, bn_stats, conv_layers, divisors, min_chain_input_size, small_inputs, tensors
 from reparam.verify import relative_error
 
+pytestmark = pytest.mark.usefixtures("array_library")  # every property on every array library
+
 TOL = 1e-10
 
 

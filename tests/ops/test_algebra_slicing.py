@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from reparam.ops import (
-    ConvGeometry,
     MergeError,
     conv_nd,
+    geometry_from_module,
     matching_group_channels,
     select_in,
     select_norm,
@@ -19,6 +19,8 @@ from reparam.ops import (
 )
 from reparam.testing import bn_module, bn_stats, conv_layers, small_inputs, tensors
 from reparam.verify import relative_error
+
+pytestmark = pytest.mark.usefixtures("array_library")  # every property on every array library
 
 TOL = 1e-10
 
@@ -80,7 +82,7 @@ def test_select_on_a_transposed_conv(data):
         bias=data.draw(st.booleans()),
         dtype=torch.float64,
     )
-    g = ConvGeometry.from_module(conv)
+    g = geometry_from_module(conv)
     x = data.draw(tensors((1, cin, 2, 3)))
     keep_o, _ = data.draw(keep_sets(cout, groups))
     k2, b2, g2 = select_out(conv.weight, conv.bias, keep_o, transposed=True, groups=groups)

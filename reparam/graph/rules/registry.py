@@ -9,6 +9,7 @@ by the ``call_method`` name. Families live beside this file, one per op family: 
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -281,20 +282,23 @@ METHOD_RULES: dict[str, Rule] = {
 }
 
 
-def _torchvision_rules() -> dict[Any, Rule]:
-    """Rules for torchvision's fx-wrapped helpers (leaf functions in a trace)."""
-    rules: dict[Any, Rule] = {}
-    try:
-        from torchvision.models import swin_transformer
-        from torchvision.ops import stochastic_depth
-    except ImportError:  # torchvision is optional for the graph package
-        return rules
-    rules[stochastic_depth] = rule_unary
-    rules[swin_transformer._patch_merging_pad] = rule_patch_merging_pad
-    return rules
+_TORCHVISION_RULES_ADDED = False
 
 
-FUNCTION_RULES.update(_torchvision_rules())
+def _add_torchvision_rules() -> None:
+    """Rules for torchvision's fx-wrapped helpers (leaf functions in a trace), added the first time a
+    rule is looked up after torchvision was imported: the graph package never imports torchvision
+    itself (no torchvision function can be in a trace before it is), and rules registered by the user
+    for the same functions are kept."""
+    global _TORCHVISION_RULES_ADDED
+    if _TORCHVISION_RULES_ADDED or "torchvision" not in sys.modules:
+        return
+    _TORCHVISION_RULES_ADDED = True
+    from torchvision.models import swin_transformer
+    from torchvision.ops import stochastic_depth
+
+    FUNCTION_RULES.setdefault(stochastic_depth, rule_unary)
+    FUNCTION_RULES.setdefault(swin_transformer._patch_merging_pad, rule_patch_merging_pad)
 
 
 def _aten_rules() -> dict[Any, Rule]:
@@ -440,6 +444,7 @@ def lookup_rule(node: Node, modules: dict[str, nn.Module]) -> Rule | None:
                 return MODULE_RULES[t]
         return None
     if node.op == "call_function":
+        _add_torchvision_rules()
         try:
             return FUNCTION_RULES.get(node.target)
         except TypeError:  # unhashable target

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from reparam.ops.blocks.base import BranchConv, ConvBlock, Norm, Size2
+from reparam.ops.blocks.base import BranchConv, ConvBlock
 from reparam.ops.blocks.registry import register_block
 from reparam.ops.branches import add_branches, embed_kernel
 
@@ -20,30 +19,11 @@ class ACBlock(ConvBlock):
     `W = s_k·W_k + embed(s_h·W_h) + embed(s_v·W_v)`, `b = Σ_j (s_j(b_j − μ_j) + β_j)`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Size2,
-        stride: Size2 = 1,
-        padding: Size2 | None = None,
-        dilation: Size2 = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        *,
-        conv_bias: bool = False,
-        norm: Norm = nn.BatchNorm2d,
-        act: nn.Module | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, act)
-        g = self.geometry
-        kh, kw = g.kernel_size
-        self.conv_kxk = BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=norm)
-        self.conv_1xk = BranchConv(in_channels, out_channels, g, (1, kw), bias=conv_bias, norm=norm)
-        self.conv_kx1 = BranchConv(in_channels, out_channels, g, (kh, 1), bias=conv_bias, norm=norm)
-        self.to(device=device, dtype=dtype)
+    def build(self) -> None:
+        kh, kw = self.geometry.kernel_size
+        self.conv_kxk = self.branch_conv()
+        self.conv_1xk = self.branch_conv((1, kw))
+        self.conv_kx1 = self.branch_conv((kh, 1))
 
     def branch(self, x: Tensor) -> Tensor:
         padded = self.pad(x)

@@ -9,6 +9,7 @@ is one conv `x ↦ conv(x; ΣW_j, geometry) + Σb_j` after merging (`merged()`).
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,8 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from reparam.ops._array import bias_or_zeros
-from reparam.ops.geometry import ConvGeometry, pad_nd
-from reparam.ops.norm import NormStats, fuse_bn
+from reparam.ops.geometry import ConvGeometry
+from reparam.ops.modules import geometry_to_module, norm_stats_from_module
+from reparam.ops.norm import fuse_bn
+from reparam.ops.torch_conv import pad_nd
 
 Norm = Callable[[int], nn.Module]
 """A norm-layer factory `num_features -> module` (e.g. `nn.BatchNorm2d`, `partial(nn.BatchNorm2d, eps=1e-3)`)."""
@@ -154,7 +157,13 @@ class BranchConv(nn.Module):
         """The branch as one conv `(W', b')` in its own geometry (norm folded: `W' = s·W`, `b' = s(b − μ) + β`)."""
         if self.bn is None:
             return self.conv.weight, self.conv.bias
-        return fuse_bn(self.conv.weight, self.conv.bias, NormStats.from_module(self.bn, name=f"{name}.bn"))
+        return fuse_bn(self.conv.weight, self.conv.bias, norm_stats_from_module(self.bn, name=f"{name}.bn"))
+
+
+def _build_options(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of `cls.build`: a block's own constructor options."""
+    params = list(inspect.signature(cls.build).parameters.values())[1:]
+    return {p.name: p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params}
 
 
 def with_act(conv: nn.Module, act: nn.Module | None) -> nn.Module:
@@ -175,7 +184,12 @@ class MergeableBlock(nn.Module):
 class ConvBlock(MergeableBlock):
     """A block that merges into one conv of its main geometry (plus the optional activation).
 
-    Subclasses build their branches in `__init__` and implement `merged_kernel_bias()`.
+    The constructor is shared by every such block: the ``nn.Conv2d``-style geometry arguments, then
+    the keyword-only layer options `conv_bias` (bias on the branch convs), `norm` (the norm factory of
+    the branches), `act`, `device` and `dtype`. A subclass declares only its own options, as the
+    keyword parameters of `build`, creates its branches there (`branch_conv`, `make_norm`) and
+    implements `branch()` and `merged_kernel_bias()`; its signature (``help()``, ``inspect``) is the
+    shared one with those options added.
     """
 
     def __init__(
@@ -188,14 +202,59 @@ class ConvBlock(MergeableBlock):
         dilation: Size2 = 1,
         groups: int = 1,
         padding_mode: str = "zeros",
+        *,
+        conv_bias: bool = False,
+        norm: Norm = nn.BatchNorm2d,
         act: nn.Module | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        own = _build_options(type(self))
+        unknown = sorted(set(options) - set(own))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword arguments {unknown}; "
+                f"its own options are {sorted(own)}, the shared ones conv_bias, norm, act, device, dtype"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.geometry = block_geometry(kernel_size, stride, padding, dilation, groups, padding_mode)
         self.act = act if act is not None else nn.Identity()
+        self.conv_bias, self.norm_layer = conv_bias, norm
+        self.build(**options)
+        self.to(device=device, dtype=dtype)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        shared = list(inspect.signature(ConvBlock.__init__).parameters.values())[1:-1]  # no self, no **options
+        cut = next(i for i, p in enumerate(shared) if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        own = list(_build_options(cls).values())
+        cls.__signature__ = inspect.Signature(shared[:cut] + own + shared[cut:])
+
+    def build(self) -> None:
+        """Create the branches; a subclass's own constructor options are the keyword parameters here."""
+        raise NotImplementedError
+
+    def branch_conv(self, kernel_size: Size2 | None = None, rate: Size2 = 1, *, norm: bool = True) -> BranchConv:
+        """A branch from the block's input to its output channels whose taps land on the main kernel
+        (`kernel_size` None: the main kernel; `rate`: an extra dilation), followed by the block's norm
+        unless `norm` is False."""
+        return BranchConv(
+            self.in_channels,
+            self.out_channels,
+            self.geometry,
+            kernel_size,
+            rate,
+            bias=self.conv_bias,
+            norm=self.norm_layer if norm else None,
+        )
+
+    def make_norm(self, channels: int | None = None) -> nn.Module:
+        """A norm of the block's kind over `channels` (default: the output channels)."""
+        return self.norm_layer(self.out_channels if channels is None else channels)
 
     def merged_kernel_bias(self) -> tuple[Tensor, Tensor | None]:
         """`(ΣW_j, Σb_j)` in `self.geometry`; differentiable w.r.t. the block's parameters."""
@@ -215,8 +274,8 @@ class ConvBlock(MergeableBlock):
     @torch.no_grad()
     def merged(self) -> nn.Module:
         kernel, bias = self.merged_kernel_bias()
-        conv = self.geometry.to_module(
-            self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype
+        conv = geometry_to_module(
+            self.geometry, self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype
         )
         conv.weight.copy_(kernel)
         conv.bias.copy_(bias_or_zeros(bias, self.out_channels, kernel))
@@ -244,7 +303,7 @@ class ConvBlock(MergeableBlock):
         Loading `block.merged().state_dict()` into it gives a module equal to `block.merged()`.
         """
         geometry = block_geometry(kernel_size, stride, padding, dilation, groups, padding_mode)
-        return with_act(geometry.to_module(in_channels, out_channels, True, device=device, dtype=dtype), act)
+        return with_act(geometry_to_module(geometry, in_channels, out_channels, True, device=device, dtype=dtype), act)
 
     def extra_repr(self) -> str:
         g = self.geometry

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from reparam.ops.blocks.base import BranchConv, ConvBlock, Norm, Size2, mean_over_taps, unpadded
+from reparam.ops.blocks.base import ConvBlock, mean_over_taps, unpadded
 from reparam.ops.blocks.registry import register_block
 from reparam.ops.branches import add_branches, avg_pool_kernel, dirac_plus, embed_kernel
 from reparam.ops.geometry import ConvGeometry
-from reparam.ops.norm import NormStats, fuse_bn
+from reparam.ops.modules import norm_stats_from_module
+from reparam.ops.norm import fuse_bn
 from reparam.ops.sequential import compose
 
 
@@ -27,44 +27,24 @@ class DiverseBranchBlock(ConvBlock):
     Composing the norms (never subclassing them) keeps `convert_sync_batchnorm` and friends safe.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Size2,
-        stride: Size2 = 1,
-        padding: Size2 | None = None,
-        dilation: Size2 = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        *,
-        internal_channels: int | None = None,
-        conv_bias: bool = False,
-        norm: Norm = nn.BatchNorm2d,
-        act: nn.Module | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, act)
+    def build(self, internal_channels: int | None = None) -> None:
         g = self.geometry
-        internal = in_channels if internal_channels is None else internal_channels
+        cin, cout, groups, bias = self.in_channels, self.out_channels, g.groups, self.conv_bias
+        internal = cin if internal_channels is None else internal_channels
         if internal % groups:
             raise ValueError(f"groups={groups} must divide internal_channels={internal}")
-        self.identity_based = internal == in_channels
-        self.conv_kxk = BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=norm)
-        self.conv_1x1 = BranchConv(in_channels, out_channels, g, 1, bias=conv_bias, norm=norm)
-        self.pool_1x1 = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=conv_bias)
-        self.pool_bn1 = norm(out_channels)
-        self.pool_bn2 = norm(out_channels)
-        self.chain_1x1 = nn.Conv2d(in_channels, internal, 1, groups=groups, bias=conv_bias)
+        self.identity_based = internal == cin
+        self.conv_kxk = self.branch_conv()
+        self.conv_1x1 = self.branch_conv(1)
+        self.pool_1x1 = nn.Conv2d(cin, cout, 1, groups=groups, bias=bias)
+        self.pool_bn1 = self.make_norm()
+        self.pool_bn2 = self.make_norm()
+        self.chain_1x1 = nn.Conv2d(cin, internal, 1, groups=groups, bias=bias)
         if self.identity_based:
             nn.init.zeros_(self.chain_1x1.weight)
-        self.chain_bn1 = norm(internal)
-        self.chain_kxk = nn.Conv2d(
-            internal, out_channels, g.kernel_size, g.stride, 0, g.dilation, groups, bias=conv_bias
-        )
-        self.chain_bn2 = norm(out_channels)
-        self.to(device=device, dtype=dtype)
+        self.chain_bn1 = self.make_norm(internal)
+        self.chain_kxk = nn.Conv2d(internal, cout, g.kernel_size, g.stride, 0, g.dilation, groups, bias=bias)
+        self.chain_bn2 = self.make_norm()
 
     def _chain_weight(self) -> Tensor:
         w = self.chain_1x1.weight
@@ -84,9 +64,9 @@ class DiverseBranchBlock(ConvBlock):
         """`BN2(conv2(BN1(1x1(x̃))))` as one conv of the main kernel on the padded input."""
         g = self.geometry
         one = ConvGeometry.create(1, 1, 0, 1, g.groups)
-        k1, b1 = fuse_bn(w1, b1, NormStats.from_module(bn1, name=f"DiverseBranchBlock.{name}_bn1"))
+        k1, b1 = fuse_bn(w1, b1, norm_stats_from_module(bn1, name=f"DiverseBranchBlock.{name}_bn1"))
         kernel, bias, _ = compose(k1, b1, one, w2, b2, unpadded(g))
-        return fuse_bn(kernel, bias, NormStats.from_module(bn2, name=f"DiverseBranchBlock.{name}_bn2"))
+        return fuse_bn(kernel, bias, norm_stats_from_module(bn2, name=f"DiverseBranchBlock.{name}_bn2"))
 
     def merged_kernel_bias(self) -> tuple[Tensor, Tensor | None]:
         g = self.geometry

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
-from reparam.ops.blocks.base import BranchConv, ConvBlock, Norm, Size2
+from reparam.ops.blocks.base import ConvBlock, Size2
 from reparam.ops.blocks.registry import register_block
 from reparam.ops.branches import add_branches, embed_kernel
 
@@ -24,31 +23,9 @@ class DilatedReparamBlock(ConvBlock):
     (`W_dense[r·u, r·v] = W[u, v]`) and embedded at its aligned offset (`embed_kernel`).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Size2,
-        stride: Size2 = 1,
-        padding: Size2 | None = None,
-        dilation: Size2 = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        *,
-        branches: Sequence[tuple[Size2, Size2]] = DEFAULT_BRANCHES,
-        conv_bias: bool = False,
-        norm: Norm = nn.BatchNorm2d,
-        act: nn.Module | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, act)
-        g = self.geometry
-        self.conv_large = BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=norm)
-        self.dilated = nn.ModuleList(
-            BranchConv(in_channels, out_channels, g, k, rate, bias=conv_bias, norm=norm) for k, rate in branches
-        )
-        self.to(device=device, dtype=dtype)
+    def build(self, branches: Sequence[tuple[Size2, Size2]] = DEFAULT_BRANCHES) -> None:
+        self.conv_large = self.branch_conv()
+        self.dilated = nn.ModuleList(self.branch_conv(k, rate) for k, rate in branches)
 
     def branch(self, x: Tensor) -> Tensor:
         padded = self.pad(x)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from reparam.ops.blocks.base import BranchConv, ConvBlock, Norm, Size2, resolve_identity, subsample
+from reparam.ops.blocks.base import ConvBlock, resolve_identity, subsample
 from reparam.ops.blocks.registry import register_block
 from reparam.ops.branches import add_branches, embed_kernel, identity_kernel
-from reparam.ops.norm import NormStats, fuse_bn
+from reparam.ops.modules import norm_stats_from_module
+from reparam.ops.norm import fuse_bn
 
 
 @register_block
@@ -21,38 +21,14 @@ class MobileOneBlock(ConvBlock):
     folded branches, the 1x1 embedded at its aligned tap and `s_id·Id`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Size2,
-        stride: Size2 = 1,
-        padding: Size2 | None = None,
-        dilation: Size2 = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        *,
-        num_branches: int = 1,
-        scale_branch: bool = True,
-        identity: bool | None = None,
-        conv_bias: bool = False,
-        norm: Norm = nn.BatchNorm2d,
-        act: nn.Module | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, act)
+    def build(self, num_branches: int = 1, scale_branch: bool = True, identity: bool | None = None) -> None:
         if num_branches < 1:
             raise ValueError(f"num_branches must be at least 1, got {num_branches}")
         g = self.geometry
-        self.convs = nn.ModuleList(
-            BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=norm) for _ in range(num_branches)
-        )
-        has_scale = scale_branch and g.kernel_size != (1, 1)
-        self.conv_scale = BranchConv(in_channels, out_channels, g, 1, bias=conv_bias, norm=norm) if has_scale else None
-        has_identity = resolve_identity(identity, in_channels, out_channels, g)
-        self.bn_identity = norm(out_channels) if has_identity else None
-        self.to(device=device, dtype=dtype)
+        self.convs = nn.ModuleList(self.branch_conv() for _ in range(num_branches))
+        self.conv_scale = self.branch_conv(1) if scale_branch and g.kernel_size != (1, 1) else None
+        has_identity = resolve_identity(identity, self.in_channels, self.out_channels, g)
+        self.bn_identity = self.make_norm() if has_identity else None
 
     def branch(self, x: Tensor) -> Tensor:
         padded = self.pad(x)
@@ -71,5 +47,7 @@ class MobileOneBlock(ConvBlock):
             terms.append((embed_kernel(k, self.conv_scale.geometry, g), b))
         if self.bn_identity is not None:
             eye = identity_kernel(self.out_channels, g.groups, g, like=terms[0][0])
-            terms.append(fuse_bn(eye, None, NormStats.from_module(self.bn_identity, name="MobileOneBlock.bn_identity")))
+            terms.append(
+                fuse_bn(eye, None, norm_stats_from_module(self.bn_identity, name="MobileOneBlock.bn_identity"))
+            )
         return add_branches(*terms)

@@ -9,10 +9,7 @@ from torch import Tensor, nn
 
 from reparam.ops._array import bias_or_zeros
 from reparam.ops.blocks.base import (
-    BranchConv,
     ConvBlock,
-    Norm,
-    Size2,
     mean_over_taps,
     resolve_identity,
     subsample,
@@ -20,7 +17,8 @@ from reparam.ops.blocks.base import (
 )
 from reparam.ops.blocks.registry import register_block
 from reparam.ops.branches import add_branches, avg_pool_kernel, embed_kernel, identity_kernel
-from reparam.ops.norm import NormStats, fuse_bn
+from reparam.ops.modules import geometry_to_module, norm_stats_from_module
+from reparam.ops.norm import fuse_bn
 
 
 @register_block
@@ -35,38 +33,16 @@ class PostBNBlock(ConvBlock):
     mode too (batch statistics included), with the same gradients with respect to the input.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Size2,
-        stride: Size2 = 1,
-        padding: Size2 | None = None,
-        dilation: Size2 = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        *,
-        one_by_one: bool = True,
-        identity: bool | None = None,
-        avg_pool: bool = False,
-        conv_bias: bool = False,
-        norm: Norm = nn.BatchNorm2d,
-        act: nn.Module | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, act)
-        g = self.geometry
-        if avg_pool and in_channels != out_channels:
+    def build(self, one_by_one: bool = True, identity: bool | None = None, avg_pool: bool = False) -> None:
+        if avg_pool and self.in_channels != self.out_channels:
             raise ValueError(
-                f"the average-pool branch needs in_channels == out_channels (got {in_channels}, {out_channels})"
+                f"the average-pool branch needs in_channels == out_channels (got {self.in_channels}, {self.out_channels})"
             )
-        self.conv_kxk = BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=None)
-        self.conv_1x1 = BranchConv(in_channels, out_channels, g, 1, bias=conv_bias, norm=None) if one_by_one else None
-        self.identity = resolve_identity(identity, in_channels, out_channels, g)
+        self.conv_kxk = self.branch_conv(norm=False)
+        self.conv_1x1 = self.branch_conv(1, norm=False) if one_by_one else None
+        self.identity = resolve_identity(identity, self.in_channels, self.out_channels, self.geometry)
         self.avg_pool = avg_pool
-        self.bn = norm(out_channels)
-        self.to(device=device, dtype=dtype)
+        self.bn = self.make_norm()
 
     def branch(self, x: Tensor) -> Tensor:
         return self.bn(self.linear(x))
@@ -99,15 +75,15 @@ class PostBNBlock(ConvBlock):
 
     def merged_kernel_bias(self) -> tuple[Tensor, Tensor]:
         kernel, bias = self.linear_kernel_bias()
-        return fuse_bn(kernel, bias, NormStats.from_module(self.bn, name="PostBNBlock.bn"))
+        return fuse_bn(kernel, bias, norm_stats_from_module(self.bn, name="PostBNBlock.bn"))
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
         if not self.bn.training:
             return super().merged()
         kernel, bias = self.linear_kernel_bias()
-        conv = self.geometry.to_module(
-            self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype
+        conv = geometry_to_module(
+            self.geometry, self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype
         )
         conv.weight.copy_(kernel)
         conv.bias.copy_(bias_or_zeros(bias, self.out_channels, kernel))

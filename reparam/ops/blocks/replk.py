@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from reparam.ops.blocks.base import BranchConv, ConvBlock, Norm, Size2
+from reparam.ops.blocks.base import ConvBlock, Size2
 from reparam.ops.blocks.registry import register_block
 from reparam.ops.branches import add_branches, embed_kernel
 
@@ -18,29 +17,9 @@ class RepLKBlock(ConvBlock):
     `W = s_L·W_L + embed(s_k·W_k)`, `b = b_L + b_k` (both folded).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Size2,
-        stride: Size2 = 1,
-        padding: Size2 | None = None,
-        dilation: Size2 = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        *,
-        small_kernel: Size2 = 3,
-        conv_bias: bool = False,
-        norm: Norm = nn.BatchNorm2d,
-        act: nn.Module | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, act)
-        g = self.geometry
-        self.conv_large = BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=norm)
-        self.conv_small = BranchConv(in_channels, out_channels, g, small_kernel, bias=conv_bias, norm=norm)
-        self.to(device=device, dtype=dtype)
+    def build(self, small_kernel: Size2 = 3) -> None:
+        self.conv_large = self.branch_conv()
+        self.conv_small = self.branch_conv(small_kernel)
 
     def branch(self, x: Tensor) -> Tensor:
         padded = self.pad(x)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from reparam.ops.blocks.base import BranchConv, ConvBlock, Norm, Size2, resolve_identity, subsample
+from reparam.ops.blocks.base import ConvBlock, resolve_identity, subsample
 from reparam.ops.blocks.registry import register_block
 from reparam.ops.branches import add_branches, embed_kernel, identity_kernel
-from reparam.ops.norm import NormStats, fuse_bn
+from reparam.ops.modules import norm_stats_from_module
+from reparam.ops.norm import fuse_bn
 
 
 @register_block
@@ -22,31 +22,11 @@ class RepVGGBlock(ConvBlock):
     Merged: `W = s_k·W_k + embed(s_1·W_1) + s_id·Id`, `b = Σ (s_j(b_j − μ_j) + β_j)`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Size2,
-        stride: Size2 = 1,
-        padding: Size2 | None = None,
-        dilation: Size2 = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        *,
-        identity: bool | None = None,
-        conv_bias: bool = False,
-        norm: Norm = nn.BatchNorm2d,
-        act: nn.Module | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, act)
-        g = self.geometry
-        self.conv_kxk = BranchConv(in_channels, out_channels, g, bias=conv_bias, norm=norm)
-        self.conv_1x1 = BranchConv(in_channels, out_channels, g, 1, bias=conv_bias, norm=norm)
-        has_identity = resolve_identity(identity, in_channels, out_channels, g)
-        self.bn_identity = norm(out_channels) if has_identity else None
-        self.to(device=device, dtype=dtype)
+    def build(self, identity: bool | None = None) -> None:
+        self.conv_kxk = self.branch_conv()
+        self.conv_1x1 = self.branch_conv(1)
+        has_identity = resolve_identity(identity, self.in_channels, self.out_channels, self.geometry)
+        self.bn_identity = self.make_norm() if has_identity else None
 
     def branch(self, x: Tensor) -> Tensor:
         padded = self.pad(x)
@@ -62,5 +42,5 @@ class RepVGGBlock(ConvBlock):
         terms = [(kernel, bias), (embed_kernel(k1, self.conv_1x1.geometry, g), b1)]
         if self.bn_identity is not None:
             eye = identity_kernel(self.out_channels, g.groups, g, like=kernel)
-            terms.append(fuse_bn(eye, None, NormStats.from_module(self.bn_identity, name="RepVGGBlock.bn_identity")))
+            terms.append(fuse_bn(eye, None, norm_stats_from_module(self.bn_identity, name="RepVGGBlock.bn_identity")))
         return add_branches(*terms)
