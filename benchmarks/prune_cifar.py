@@ -73,12 +73,10 @@ from common import latencies, machine_meta, write_json
 from torch import nn
 
 import reparam
-from apps.resrep.checkpoint import load_file
-from apps.resrep.cli import restore_resrep
-from apps.resrep.config import ResRepConfig
-from apps.resrep.data import DataConfig, DataInfo, build_loaders
-from apps.resrep.engine import CHECKPOINT_NAME, NonFiniteLossError, OptimConfig, evaluate, fit, resolve_device, sgd
-from apps.resrep.models import (
+from apps.engine.checkpoint import load_file
+from apps.engine.data import DataConfig, DataInfo, build_loaders
+from apps.engine.loop import CHECKPOINT_NAME, NonFiniteLossError, OptimConfig, evaluate, fit, resolve_device, sgd
+from apps.engine.models import (
     ModelConfig,
     build_model,
     deploy_shell,
@@ -86,6 +84,8 @@ from apps.resrep.models import (
     load_weights,
     unwrap_state_dict,
 )
+from apps.resrep import restore_resrep
+from apps.resrep.config import ResRepConfig
 from apps.resrep.selection import select_masks
 from reparam.atomic import atomic_save
 from reparam.graph import ChannelGroup, load_pruned, prune, save_pruned, trace
@@ -413,7 +413,7 @@ class Context:
         hooks: Any = None,
         constant_lr: bool = False,
     ) -> None:
-        """`apps.resrep.engine.fit` for ``steps`` iterations with the shared optimizer: lr constant
+        """`apps.engine.loop.fit` for ``steps`` iterations with the shared optimizer: lr constant
         (``constant_lr``, a structure-finding phase) or the cosine from lr to 0 over the ``steps`` (the
         fine-tuning rule), resuming from ``out/last.pt`` when present; a checkpoint every epoch. A fresh
         start is seeded here, so it does not depend on what the process drew before (a resumed one

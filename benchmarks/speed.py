@@ -36,11 +36,10 @@ import torch.nn.functional as F
 from common import interleaved, latencies, machine_meta, print_table, write_json
 from torch import nn
 
-from apps.resrep import ResRep, ResRepConfig
-from apps.resrep.checkpoint import load_file
-from apps.resrep.cli import restore_resrep
-from apps.resrep.data import DataInfo
-from apps.resrep.models import ModelConfig, build_model, deploy_shell
+from apps.engine.checkpoint import load_file
+from apps.engine.data import DataInfo
+from apps.engine.models import ModelConfig, build_model, deploy_shell
+from apps.resrep import ResRep, ResRepConfig, restore_resrep
 from reparam.graph import trace
 from reparam.merge import merge
 

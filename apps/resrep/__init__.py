@@ -1,7 +1,7 @@
 """ResRep: prune any traceable CNN to a MACs target by compactors, gradient resetting and an exact conversion.
 
 `ResRep` wraps a model for any training loop; `prune` is the one-call version on top of the app's
-training loop (`apps.resrep.engine.fit`); `python -m apps.resrep` is the command line.
+training loop (`apps.engine.loop.fit`); `python -m apps.resrep` is the command line.
 """
 
 from __future__ import annotations
@@ -11,12 +11,20 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..engine.loop import fit
 from .config import ResRepConfig
 from .convert import ConversionError, ConversionReport
-from .engine import fit
-from .method import ResRep, TargetMissedError
+from .method import ResRep, TargetMissedError, restore_resrep
 
-__all__ = ["ConversionError", "ConversionReport", "ResRep", "ResRepConfig", "TargetMissedError", "prune"]
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "ResRep",
+    "ResRepConfig",
+    "TargetMissedError",
+    "prune",
+    "restore_resrep",
+]
 
 
 def prune(
@@ -34,7 +42,7 @@ def prune(
     (`TargetMissedError` otherwise), then convert: returns the narrow plain model and its report.
 
     ``example_inputs`` (default: the first training batch) trace the channel groups and verify the
-    conversion; ``fit_options`` go to `apps.resrep.engine.fit` (device, amp, checkpoint_dir, ...).
+    conversion; ``fit_options`` go to `apps.engine.loop.fit` (device, amp, checkpoint_dir, ...).
     The original ``model`` is not modified.
     """
     config = config if config is not None else ResRepConfig()

@@ -25,10 +25,8 @@ import dataclasses
 import json
 import sys
 import time
-import types
-import typing
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +35,11 @@ import torch
 from reparam.atomic import atomic_write_text
 from reparam.graph import flops
 
-from .checkpoint import CheckpointError, load_file
-from .config import ResRepConfig
-from .data import DataConfig, DataInfo, build_loaders
-from .engine import (
+from ..engine.checkpoint import CheckpointError, check_run_folder, load_file, writable_folder
+from ..engine.cli import add_dataclass_args, config_from_args
+from ..engine.data import DataConfig, DataInfo, build_loaders
+from ..engine.export import FORMATS, check_formats, export_model
+from ..engine.loop import (
     OptimConfig,
     TrainConfig,
     evaluate,
@@ -50,15 +49,15 @@ from .engine import (
     resolve_device,
     sgd,
 )
-from .export import FORMATS, check_formats, export_model
-from .models import (
+from ..engine.models import (
     ModelConfig,
     build_model,
     deploy_shell,
-    load_state_dict_checked,
     load_weights,
     unwrap_state_dict,
 )
+from .config import ResRepConfig
+from .method import ResRep, TargetMissedError, require_prune_checkpoint, restore_resrep
 
 __all__ = ["main", "build_parser", "run_train", "run_prune", "run_eval", "run_export"]
 
@@ -68,49 +67,6 @@ _GROUPS = {
     "eval": (DataConfig, ModelConfig),
     "export": (DataConfig, ModelConfig),
 }
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of dataclass `cls`, typed from its annotations, defaulting to the field default."""
-    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, default = hints[f.name], f.default
-        doc = f"{cls.__name__}.{f.name}"
-        args = typing.get_args(tp)
-        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
-        if optional:
-            tp = next(a for a in args if a is not type(None))
-        if tp is bool:
-            group.add_argument(
-                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=doc
-            )
-        elif typing.get_origin(tp) is typing.Literal:
-            group.add_argument(_flag(f.name), dest=f.name, choices=typing.get_args(tp), default=default, help=doc)
-        elif tp in (int, float, str):
-
-            def none_or(text: str, _tp=tp):  # "none" selects the field's None meaning
-                return None if text.lower() == "none" else _tp(text)
-
-            conv = none_or if optional else tp
-            group.add_argument(
-                _flag(f.name),
-                dest=f.name,
-                type=conv,
-                default=default,
-                help=doc,
-                metavar=tp.__name__.upper() + ("|none" if optional else ""),
-            )
-        else:
-            raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {tp}")
-
-
-def _config(cls: type, ns: argparse.Namespace):
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
             if clash:
                 raise TypeError(f"config fields {sorted(clash)} appear twice in the {name} command")
             seen |= names
-            _add_dataclass_args(p, cls)
+            add_dataclass_args(p, cls)
         needs_ckpt = name != "train"
         p.add_argument(
             "--checkpoint",
@@ -176,13 +132,6 @@ def _summary_write(out: Path, summary: dict[str, Any]) -> None:
     atomic_write_text(json.dumps(summary, indent=2, default=float) + "\n", out / "summary.json")
 
 
-def _check_out(out: Path, resume: bool) -> None:
-    if (out / "last.pt").exists() and not resume:
-        raise CheckpointError(
-            f"{out} already holds a run (last.pt); pass --resume to continue it or choose a new --out"
-        )
-
-
 def _info_meta(info: DataInfo) -> dict[str, int]:
     return dataclasses.asdict(info)
 
@@ -203,8 +152,7 @@ def _meta(data: DataConfig, model: ModelConfig, train: TrainConfig, info: DataIn
 def _start_run(data: DataConfig, train: TrainConfig, out: str, resume: bool):
     """Common start of `train` and `prune`: process group, output folder, device, seeds, loaders."""
     rank, world, _ = init_distributed()
-    out_dir = Path(out)
-    _check_out(out_dir, resume)
+    out_dir = check_run_folder(out, resume)
     device = resolve_device(train.device)
     _seed(train.seed)
     loaders = build_loaders(data, seed=train.seed, rank=rank, world_size=world, pin_memory=device.type == "cuda")
@@ -277,8 +225,6 @@ def _resrep(
     epochs: int,
     device: torch.device,
 ):
-    from .method import ResRep
-
     base = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
     return base, lambda: ResRep(
         base.to(device),
@@ -313,8 +259,6 @@ def run_prune(
 
     A run that ends above ``flops_target`` still converts and writes everything (``summary.json`` says
     ``target_met: false``), then raises `apps.resrep.method.TargetMissedError` (exit status 2)."""
-    from .method import TargetMissedError
-
     check_formats(formats)
     rank, world, out_dir, device, (train_loader, test_loader, info) = _start_run(data, train, out, resume)
     base, make = _resrep(model_cfg, rr_cfg, info, _example(test_loader), len(train_loader), train.epochs, device)
@@ -393,30 +337,6 @@ def run_prune(
     return summary
 
 
-def _require_prune_checkpoint(obj: Any, source: str) -> None:
-    if not (isinstance(obj, Mapping) and obj.get("meta", {}).get("command") == "prune"):
-        raise CheckpointError(f"{source} is not a prune run's checkpoint (OUT/last.pt of `resrep prune`)")
-
-
-def restore_resrep(
-    checkpoint: Mapping[str, Any],
-    model_cfg: ModelConfig,
-    info: DataInfo,
-    example: torch.Tensor,
-    source: str = "checkpoint",
-):
-    """The `ResRep` of a prune run's checkpoint (``OUT/last.pt``, already loaded): the model rebuilt,
-    compactors and masks restored, ready for ``convert()``. CheckpointError for any other file."""
-    from .method import ResRep
-
-    _require_prune_checkpoint(checkpoint, source)
-    model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
-    rr = ResRep(model, example, ResRepConfig(**checkpoint["meta"]["resrep"]))
-    load_state_dict_checked(rr.model, checkpoint["model"], source)
-    rr.load_state_dict(checkpoint["hooks"])
-    return rr
-
-
 def run_eval(data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, device: str = "auto") -> dict[str, Any]:
     """Accuracy of any checkpoint this app writes or reads (see the module docstring)."""
     dev = resolve_device(device)
@@ -449,13 +369,15 @@ def run_export(
     data: DataConfig, model_cfg: ModelConfig, *, checkpoint: str, out: str, formats: Sequence[str] = FORMATS
 ) -> dict[str, Any]:
     """Convert a prune run's ``last.pt`` (masks + compactors) and export the narrow model into ``out``."""
+    check_formats(formats)
+    out_dir = writable_folder(out)
     obj = load_file(checkpoint)
-    _require_prune_checkpoint(obj, checkpoint)
+    require_prune_checkpoint(obj, checkpoint)
     _, test_loader, info = build_loaders(data)
     rr = restore_resrep(obj, model_cfg, info, _example(test_loader), f"checkpoint {checkpoint}")
     verify = next(iter(test_loader))[0][:64]
     extra = {"arch": dataclasses.asdict(model_cfg), "info": _info_meta(info)}
-    _, report, results = _export_deploy(rr, verify, Path(out), formats, extra)
+    _, report, results = _export_deploy(rr, verify, out_dir, formats, extra)
     return {
         "max_rel_error": report.max_rel_error,
         "macs_reduction": report.macs_reduction,
@@ -466,11 +388,11 @@ def run_export(
 def main(argv: Sequence[str] | None = None) -> int:
     from reparam.graph import GraphTraceError, PruneError
 
+    from ..engine.data import DataError
+    from ..engine.export import ExportError
+    from ..engine.loop import NonFiniteLossError
+    from ..engine.models import ModelError
     from .convert import ConversionError
-    from .data import DataError
-    from .engine import NonFiniteLossError
-    from .export import ExportError
-    from .models import ModelError
 
     ns = build_parser().parse_args(argv)
     known = (
@@ -490,14 +412,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(out=ns.out or None, quiet=ns.quiet)
             return 0
-        data, model_cfg = _config(DataConfig, ns), _config(ModelConfig, ns)
+        data, model_cfg = config_from_args(DataConfig, ns), config_from_args(ModelConfig, ns)
         formats = [f for f in getattr(ns, "formats", "").split(",") if f]
         if ns.command == "train":
             result = run_train(
                 data,
                 model_cfg,
-                _config(TrainConfig, ns),
-                _config(OptimConfig, ns),
+                config_from_args(TrainConfig, ns),
+                config_from_args(OptimConfig, ns),
                 out=ns.out,
                 checkpoint=ns.checkpoint,
                 resume=ns.resume,
@@ -506,8 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_prune(
                 data,
                 model_cfg,
-                _config(TrainConfig, ns),
-                _config(ResRepConfig, ns),
+                config_from_args(TrainConfig, ns),
+                config_from_args(ResRepConfig, ns),
                 checkpoint=ns.checkpoint,
                 out=ns.out,
                 resume=ns.resume,

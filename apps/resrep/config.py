@@ -43,8 +43,8 @@ Two recipes (``recipe``), resolved for a run of N iterations into a `apps.resrep
 
 Both recipes must end at or below ``flops_target``; `ResRep.check_target` says by how much a run
 missed it and what to change. Conversion: ``threshold`` 1e-5 is the largest removed-row norm that counts
-as decayed; ``verify_tolerance`` (``None``: 1e-10 in float64, 1e-5 otherwise) bounds the converted
-model's error; ``round_to`` makes kept widths multiples of it.
+as decayed; ``verify_tolerance`` (``None``: 1e-10) bounds the converted model's error, checked in float64 whatever the
+training dtype; ``round_to`` makes kept widths multiples of it.
 """
 
 from __future__ import annotations
@@ -69,38 +69,68 @@ class ResRepConfig:
     """
 
     flops_target: float = 0.471
+    """Fraction of the original MACs to keep, in (0, 1): 0.471 is a 52.9% reduction."""
     recipe: Recipe = "auto"
+    """``auto`` (paper when the run is long enough for its timeline, else budget), ``paper`` (the published recipe) or ``budget`` (ours, for short runs)."""
     mode: Mode = "residual"
+    """``residual``: compactors on every prunable channel group, residual-coupled ones included; ``paper``: only groups with one producer (the internal layers of residual blocks)."""
     lr: float = 0.01
+    """Base learning rate of the SGD ResRep builds."""
     momentum: float = 0.9
+    """SGD momentum of everything but the compactors."""
     weight_decay: float = 1e-4
+    """L2 on conv/linear kernels (not on norm weights, biases or compactors)."""
     bias_lr_factor: float | None = None
+    """Learning-rate factor of biases (none: the recipe's, 2 paper / 1 budget)."""
     compactor_momentum: float | None = None
+    """SGD momentum of the compactors (none: the recipe's, 0.99 paper / 0.9 budget)."""
     lasso_strength: float = 1e-4
+    """Group-lasso strength on kept compactor rows (the paper's 1e-4)."""
     residual_lasso: bool | None = None
+    """Lasso on residual-coupled compactors too (none: the recipe's, yes paper / no budget)."""
     train_residual_compactors: bool | None = None
+    """Task gradient on kept rows of residual-coupled compactors (none: the recipe's, yes paper / no budget)."""
     # the paper recipe's schedule
     mask_interval: int = 200
+    """Paper recipe: iterations between mask re-selections."""
     before_mask_iters: int | None = None
+    """Paper recipe: iterations of lasso before the first mask (none: before_mask_epochs epochs)."""
     before_mask_epochs: int = 5
+    """Paper recipe: epochs of lasso before the first mask when before_mask_iters is none."""
     mask_stop_iters: int | None = None
+    """Paper recipe: last iteration that may re-select masks (none: the end of the run)."""
     begin_granularity: int = 4
+    """Paper recipe: most channels masked per round."""
     # the budget recipe's schedule
     score: Score | None = None
+    """Budget recipe channel score: ``taylor`` (first-order loss change), ``fused`` (fused filter-row norm) or ``norm`` (raw compactor-row norm); none: taylor."""
     score_momentum: float = 0.95
+    """Budget recipe: running-average factor of the Taylor score."""
     score_normalize: bool | None = None
+    """Divide scores by their group's mean (none: for fused and norm, not for taylor)."""
     score_per_mac: bool = True
+    """Divide each score by the MACs one channel of its group costs."""
     mask_rounds: int = 20
+    """Budget recipe: rounds of cumulative masking."""
     mask_start_fraction: float = 0.02
+    """Budget recipe: fraction of the run at the first mask round."""
     mask_end_fraction: float = 0.25
+    """Budget recipe: fraction of the run at the last mask round (the target reached)."""
     freeze_fraction: float = 0.30
+    """Budget recipe: fraction of the run at which masks freeze and masked rows are exactly 0; the rest fine-tunes."""
     auto_switch_iters: int | None = None
+    """Total iterations from which auto picks the paper recipe (none: when the paper's timeline fits before the freeze)."""
     # both
     num_at_least: int = 1
+    """Channels every group keeps at least."""
     threshold: float = 1e-5
+    """Largest removed compactor-row norm that counts as decayed at conversion."""
     verify_tolerance: float | None = None
+    """Bound on the converted model's relative error, checked in float64 (none: 1e-10)."""
     on_inexact: Literal["raise", "warn"] = "raise"
+    """What an inexact conversion does: ``raise`` or ``warn``."""
     round_to: int = 1
+    """Kept widths are multiples of this."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.flops_target, (int, float)) and 0.0 < self.flops_target < 1.0):

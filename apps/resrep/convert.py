@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +32,29 @@ from reparam.graph import ChannelGraph, ChannelGroup, prune, trace
 from reparam.graph.tracing import as_tuple
 from reparam.merge import fold_norm_into
 from reparam.ops.blocks import Compactor
-from reparam.ops.modules import geometry_from_module, geometry_to_module
 from reparam.verify import relative_error
 
-if TYPE_CHECKING:
-    from .method import ResRep
+from ..engine.models import biased_like
 
-__all__ = ["ConversionError", "ConversionReport", "convert", "biased_like"]
+__all__ = ["CompactorModel", "ConversionError", "ConversionReport", "convert"]
+
+
+class CompactorModel(Protocol):
+    """What the conversion reads of a trained ResRep run (`apps.resrep.ResRep` is one): the model with its
+    compactors, its channel graph and groups, the compactor sites, the masks and the settings."""
+
+    config: Any  # verify_tolerance, on_inexact, threshold (ResRepConfig)
+    model: nn.Module
+    example_inputs: tuple[Tensor, ...]
+    graph: ChannelGraph
+    groups: list[ChannelGroup]
+    sites: list[Any]
+    masks: dict[int, Tensor]
+    base_macs: int
+
+    def row_keep(self, site: Any) -> Tensor: ...
+
+    def widths(self, masked: bool = True) -> dict[str, int]: ...
 
 
 class ConversionError(ValueError):
@@ -49,13 +65,17 @@ class ConversionError(ValueError):
 class ConversionReport:
     """What the conversion did and how exact it is.
 
-    ``max_rel_error``: converted vs the compactor model with masked rows zeroed (max|Δ| / max|y|).
-    ``max_rel_error_vs_trained``: converted vs the compactor model as trained (masked rows not zeroed);
-    small once the masked rows have decayed. ``largest_removed_norm``: the largest L2 norm of a removed
+    ``max_rel_error``: converted vs the compactor model with masked rows zeroed (max|Δ| / max|y|), both
+    run in float64 on the verification inputs: the exactness proof, whatever dtype the model trains in
+    (bounded by ``tolerance``). ``max_rel_error_native``: the same in the model's own dtype, i.e. its
+    rounding error (float32: ~1e-7 per layer, growing with depth). ``max_rel_error_vs_trained``:
+    converted vs the compactor model as trained (masked rows not zeroed), in the model's dtype; small once
+    the masked rows have decayed. ``largest_removed_norm``: the largest L2 norm of a removed
     compactor row. Widths are kept output channels per producer layer.
     """
 
     max_rel_error: float
+    max_rel_error_native: float
     max_rel_error_vs_trained: float
     largest_removed_norm: float
     tolerance: float
@@ -79,9 +99,9 @@ class ConversionReport:
         return {**asdict(self), "macs_reduction": self.macs_reduction, "params_reduction": self.params_reduction}
 
 
-def _default_tolerance(model: nn.Module) -> float:
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return 1e-10 if dtypes == {torch.float64} else 1e-5
+def _widened(inputs: Iterator[Tensor]) -> tuple[Tensor, ...]:
+    """Floating inputs in float64 (the conversion's working precision), others as they are."""
+    return tuple(x.double() if x.is_floating_point() else x for x in inputs)
 
 
 @contextmanager
@@ -99,14 +119,6 @@ def _foldable(layer: nn.Module) -> bool:
     return type(layer) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def biased_like(layer: nn.Module) -> nn.Module:
-    """A fresh conv/linear with ``layer``'s geometry, size, device and dtype, and a bias."""
-    kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
-    if isinstance(layer, nn.Linear):
-        return nn.Linear(layer.in_features, layer.out_features, bias=True, **kw)
-    return geometry_to_module(geometry_from_module(layer), layer.in_channels, layer.out_channels, True, **kw)
-
-
 def _plain_layer(layer: nn.Module, kernel: Tensor, bias: Tensor) -> nn.Module:
     """A fresh biased conv/linear with ``layer``'s geometry holding ``kernel`` and ``bias``."""
     new = biased_like(layer).to(dtype=kernel.dtype, device=kernel.device)
@@ -117,7 +129,7 @@ def _plain_layer(layer: nn.Module, kernel: Tensor, bias: Tensor) -> nn.Module:
 
 
 @torch.no_grad()
-def _fold_producers(rr: ResRep, model: nn.Module) -> None:
+def _fold_producers(rr: CompactorModel, model: nn.Module) -> None:
     """In place on a compacted copy: every producer becomes a biased conv/linear holding its BN and
     compactor; BN slots become ``nn.Identity``. Paths end up as in the original model. Producers of
     other types (no compactor on them) keep their BN."""
@@ -166,7 +178,9 @@ def _param_count(model: nn.Module, skip: tuple[type[nn.Module], ...] = ()) -> in
 
 
 @torch.no_grad()
-def convert(rr: ResRep, verify_inputs: Tensor | Sequence[Tensor] | None = None) -> tuple[nn.Module, ConversionReport]:
+def convert(
+    rr: CompactorModel, verify_inputs: Tensor | Sequence[Tensor] | None = None
+) -> tuple[nn.Module, ConversionReport]:
     """``(deploy, report)``: the narrow plain network equal to ``rr.model`` with masked rows zeroed,
     as the `torch.fx.GraphModule` that `reparam.graph.prune` returns (the original module names).
 
@@ -175,10 +189,13 @@ def convert(rr: ResRep, verify_inputs: Tensor | Sequence[Tensor] | None = None) 
     network differs from the trained one by ``max_rel_error_vs_trained``).
     """
     cfg = rr.config
-    device = next(rr.model.parameters()).device
-    example = tuple(x.to(device) for x in rr.example_inputs)
-    inputs = example if verify_inputs is None else tuple(x.to(device) for x in as_tuple(verify_inputs))
-    reference = copy.deepcopy(rr.model).eval()
+    first = next(rr.model.parameters())
+    device, dtype = first.device, first.dtype
+    example = _widened(x.to(device) for x in rr.example_inputs)
+    inputs = example if verify_inputs is None else _widened(x.to(device) for x in as_tuple(verify_inputs))
+    # the conversion runs on a float64 copy (folds and removals exact to ~1e-16), is verified there, and
+    # only then is cast to the model's dtype: that cast is the deploy model's one rounding
+    reference = copy.deepcopy(rr.model).eval().double()
     largest = 0.0
     for site in rr.sites:
         q = reference.get_submodule(site.host).compactor.weight
@@ -195,18 +212,21 @@ def convert(rr: ResRep, verify_inputs: Tensor | Sequence[Tensor] | None = None) 
         if len(keep) < plain.groups[gid].size
     }
     pruned = prune(deploy, example, keep_plan, graph=plain).eval()
-
-    output = pruned(*inputs)
-    error = relative_error(reference(*inputs), output)
+    error = relative_error(reference(*inputs), pruned(*inputs))
+    pruned = pruned.to(dtype)
+    native_inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    output = pruned(*native_inputs)
     with _evaluating(rr.model) as trained:
-        error_trained = relative_error(trained(*inputs), output)
-    tolerance = cfg.verify_tolerance if cfg.verify_tolerance is not None else _default_tolerance(rr.model)
+        native = relative_error(reference.to(dtype)(*native_inputs), output)
+        error_trained = relative_error(trained(*native_inputs), output)
+    tolerance = cfg.verify_tolerance if cfg.verify_tolerance is not None else 1e-10
     widths_after = {}
     for group in rr.graph.groups:
         for p in group.producers:
             widths_after[p.module] = int(pruned.get_submodule(p.module).weight.shape[0])
     report = ConversionReport(
         max_rel_error=error,
+        max_rel_error_native=native,
         max_rel_error_vs_trained=error_trained,
         largest_removed_norm=largest,
         tolerance=tolerance,
@@ -221,7 +241,7 @@ def convert(rr: ResRep, verify_inputs: Tensor | Sequence[Tensor] | None = None) 
         shifting = [n for n, m in pruned.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
         message = (
             f"ResRep conversion is not exact: max relative error {error:.3e} > tolerance {tolerance:.1e} "
-            "between the converted model and the compactor model with masked rows zeroed; "
+            "between the converted model and the compactor model with masked rows zeroed (both in float64); "
             "a layer between a producer and its consumers does not map a zero channel to zero"
             + (
                 f": the norm layers {shifting[:5]} do not directly follow a conv, so they add "

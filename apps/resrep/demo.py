@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from ..engine.data import DataConfig, build_loaders
+from ..engine.loop import OptimConfig, evaluate, fit, sgd
+from ..engine.models import DigitsResNet
 from .config import ResRepConfig
-from .data import DataConfig, build_loaders
-from .engine import OptimConfig, evaluate, fit, sgd
 from .method import ResRep
-from .models import DigitsResNet
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
@@ -113,6 +113,7 @@ def _run(out, say, base_epochs: int, prune_epochs: int, config: ResRepConfig) ->
         "params_before": report.params_before,
         "params_after": report.params_after,
         "max_rel_error": report.max_rel_error,
+        "max_rel_error_native": report.max_rel_error_native,
         "max_rel_error_vs_trained": report.max_rel_error_vs_trained,
         "largest_removed_norm": report.largest_removed_norm,
         "widths_before": report.widths_before,
@@ -126,7 +127,8 @@ def _run(out, say, base_epochs: int, prune_epochs: int, config: ResRepConfig) ->
         f"pruned accuracy   {pruned['acc']:6.2f} %   (drop {summary['accuracy_drop']:+.2f} points)\n"
         f"MACs              {report.macs_before:,} -> {report.macs_after:,}   (-{report.macs_reduction:.1%})\n"
         f"params            {report.params_before:,} -> {report.params_after:,}   (-{report.params_reduction:.1%})\n"
-        f"conversion error  {report.max_rel_error:.2e} (max relative, vs the masked compactor model); "
+        f"conversion error  {report.max_rel_error:.2e} in float64, {report.max_rel_error_native:.2e} in float32 "
+        "(max relative, vs the masked compactor model); "
         f"largest removed row norm {report.largest_removed_norm:.1e}\n"
         f"widths            "
         + ", ".join(f"{k} {report.widths_before[k]}->{v}" for k, v in report.widths_after.items())

@@ -58,12 +58,23 @@ from reparam.graph import ChannelGroup, PruneError, prune, trace
 from reparam.graph.tracing import as_tuple
 from reparam.ops.blocks import Compactor
 
+from ..engine.checkpoint import CheckpointError
+from ..engine.data import DataInfo
+from ..engine.models import ModelConfig, build_model, load_state_dict_checked
 from .config import ResRepConfig
 from .convert import ConversionReport, convert
 from .recipe import Plan, paper_min_iters, resolve
 from .selection import channel_scores, mask_budget, select_masks
 
-__all__ = ["ResRep", "Compacted", "CompactorSite", "TargetMissedError", "compactor_gradient"]
+__all__ = [
+    "Compacted",
+    "CompactorSite",
+    "ResRep",
+    "TargetMissedError",
+    "compactor_gradient",
+    "require_prune_checkpoint",
+    "restore_resrep",
+]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -645,3 +656,26 @@ class ResRep:
         BN after producers), verified against the compactor model with masked rows zeroed; see
         `apps.resrep.convert.convert`."""
         return convert(self, verify_inputs)
+
+
+def require_prune_checkpoint(obj: Any, source: str) -> None:
+    """CheckpointError unless `obj` (a loaded file) is a prune run's checkpoint."""
+    if not (isinstance(obj, Mapping) and obj.get("meta", {}).get("command") == "prune"):
+        raise CheckpointError(f"{source} is not a prune run's checkpoint (OUT/last.pt of `resrep prune`)")
+
+
+def restore_resrep(
+    checkpoint: Mapping[str, Any],
+    model_cfg: ModelConfig,
+    info: DataInfo,
+    example: torch.Tensor,
+    source: str = "checkpoint",
+) -> ResRep:
+    """The `ResRep` of a prune run's checkpoint (``OUT/last.pt``, already loaded): the model rebuilt,
+    compactors and masks restored, ready for ``convert()``. CheckpointError for any other file."""
+    require_prune_checkpoint(checkpoint, source)
+    model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
+    rr = ResRep(model, example, ResRepConfig(**checkpoint["meta"]["resrep"]))
+    load_state_dict_checked(rr.model, checkpoint["model"], source)
+    rr.load_state_dict(checkpoint["hooks"])
+    return rr

@@ -41,8 +41,13 @@ def apply_plan(constructor_model: nn.Module, plan: PrunePlan, source: str = "the
     architecture is refused (its group fingerprints do not match)."""
     ref = next(iter(constructor_model.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
+
+    def dtype_of(name: str) -> torch.dtype:  # floating inputs follow the model (a plan made in float64 fits float32)
+        dt = getattr(torch, name)
+        return ref.dtype if dt.is_floating_point and ref is not None and ref.is_floating_point() else dt
+
     inputs = tuple(
-        torch.zeros(s, dtype=getattr(torch, dt), device=device) for s, dt in zip(plan.input_shapes, plan.input_dtypes)
+        torch.zeros(s, dtype=dtype_of(dt), device=device) for s, dt in zip(plan.input_shapes, plan.input_dtypes)
     )
     model: nn.Module = constructor_model
     for i, stage in enumerate(plan.stages):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from apps.resrep.models import CifarResNet
+from apps.engine.models import CifarResNet
 from reparam.graph import trace
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -81,7 +81,7 @@ def test_option_a_exact_float64(width, pads, spatial, seed):
 
 
 def test_real_option_a_resnet20_float64():
-    models = pytest.importorskip("apps.resrep.models")
+    models = pytest.importorskip("apps.engine.models")
     gen = torch.Generator().manual_seed(0)
     model = models.CifarResNet(20, 10, "A").double().eval()
     randomize_bn(model, gen)

@@ -52,3 +52,14 @@ def test_plan_for_another_architecture_is_refused(tmp_path):
 def test_save_needs_a_plan(tmp_path):
     with pytest.raises(PruneError, match="no channel plan"):
         save_pruned(CifarResNet(), tmp_path)
+
+
+def test_a_plan_made_in_float64_rebuilds_a_float32_model(tmp_path):
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    model = CifarResNet(width=8).double().eval()
+    g = trace(model, x)
+    pruned = prune(model, x, random_keep(g, 0.5, np.random.default_rng(0)), graph=g)
+    save_pruned(pruned.float(), tmp_path)
+    loaded = load_pruned(CifarResNet(width=8).eval(), tmp_path).eval()
+    assert next(loaded.parameters()).dtype == torch.float32
+    torch.testing.assert_close(loaded(x.float()), pruned.float()(x.float()), rtol=0, atol=0)

@@ -241,7 +241,7 @@ def test_untraceable_model(tmp_path, monkeypatch, base_run, capsys):
     (tmp_path / "branchy.py").write_text(
         textwrap.dedent("""
         import torch
-        from apps.resrep.models import DigitsResNet
+        from apps.engine.models import DigitsResNet
         class Branchy(DigitsResNet):
             def forward(self, x):
                 return super().forward(x) if x.sum() > 0 else super().forward(-x)
@@ -277,3 +277,13 @@ def test_demo_meets_its_numbers(tmp_path, capsys):
     assert s["macs_reduction"] >= 0.40 and s["accuracy_drop"] <= 1.0 and s["max_rel_error"] <= 1e-5
     assert s["largest_removed_norm"] <= 1e-6 and s["plan"]["recipe"] == "budget"  # exact by construction
     assert "pruned accuracy" in capsys.readouterr().out and (tmp_path / "widths.png").is_file()
+
+
+def test_an_unusable_out_is_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "run"):
+        err = _fail(capsys, ["train", *RUN, "--epochs", "1", "--out", str(out)])
+        assert "not a folder" in err
+    err = _fail(capsys, ["train", *RUN, "--epochs", "1", "--out", str(tmp_path / "none"), "--resume"])
+    assert "holds no run" in err and not (tmp_path / "none").exists()

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from apps.engine.models import CifarResNet, DigitsResNet
 from apps.resrep import ConversionError, ResRep, ResRepConfig
 from apps.resrep.method import Compacted
-from apps.resrep.models import CifarResNet, DigitsResNet
 from reparam.graph import PruneError
 from reparam.ops.blocks import Compactor
 
@@ -54,11 +54,12 @@ def masked_reference(rr: ResRep) -> nn.Module:
 
 
 def check_exact(model: nn.Module, x: torch.Tensor, keep_fraction: float = 0.5, seed: int = 0):
-    """Convert with forced masks; the deploy model must equal the masked compactor model to 1e-10
-    of max|y| in float64 (1e-5 in float32)."""
+    """Convert with forced masks; the deploy model must equal the masked compactor model to 1e-10 of
+    max|y| (the conversion's own check runs in float64 whatever the dtype); a float32 model only differs
+    by its rounding, here under 1e-4 (deep nets with randomised statistics reach ~1.4e-5)."""
     gen = torch.Generator().manual_seed(seed)
     model = randomise(model.double(), gen).to(x.dtype)
-    tolerance = 1e-10 if x.dtype == torch.float64 else 1e-5
+    tolerance = 1e-10 if x.dtype == torch.float64 else 1e-4
     rr = ResRep(model, x, ResRepConfig(flops_target=0.99))
     force_masks(rr, gen, keep_fraction)
     with pytest.warns(RuntimeWarning, match="had not decayed"):
@@ -66,7 +67,8 @@ def check_exact(model: nn.Module, x: torch.Tensor, keep_fraction: float = 0.5, s
     with torch.no_grad():
         y, y_hat = masked_reference(rr)(x), deploy(x)
     assert float((y - y_hat).abs().max() / y.abs().max()) <= tolerance
-    assert report.max_rel_error <= tolerance == report.tolerance and report.largest_removed_norm > 0
+    assert report.max_rel_error <= 1e-10 == report.tolerance and report.largest_removed_norm > 0
+    assert report.max_rel_error_native <= tolerance
     assert not any(isinstance(m, (nn.BatchNorm2d, Compacted, Compactor)) for m in deploy.modules())
     names = {n for n, _ in deploy.named_modules()}
     assert set(report.widths_after) <= names  # the original module names, narrower
@@ -142,7 +144,8 @@ def test_float32_conversion_within_tolerance():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         deploy, report = rr.convert()
-    assert report.tolerance == 1e-5 and report.max_rel_error <= 1e-5
+    assert report.tolerance == 1e-10 and report.max_rel_error <= 1e-10  # proven in float64
+    assert report.max_rel_error_native <= 1e-5  # the float32 deploy model's rounding
     assert next(deploy.parameters()).dtype == torch.float32
 
 

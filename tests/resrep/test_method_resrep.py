@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apps.engine.models import DigitsResNet
 from apps.resrep import ResRep, ResRepConfig, prune
 from apps.resrep.method import Compacted
-from apps.resrep.models import DigitsResNet
 from reparam.graph import GraphTraceError
 from reparam.ops.blocks import Compactor
 
@@ -247,7 +247,7 @@ def test_one_call_prune_trains_and_converts():
 
 
 def test_paper_mode_on_resnet56_matches_the_paper_targets():
-    from apps.resrep.models import CifarResNet
+    from apps.engine.models import CifarResNet
 
     rr = ResRep(CifarResNet(56, shortcut="B"), torch.randn(1, 3, 8, 8), ResRepConfig(mode="paper"))
     assert len(rr.sites) == 27 and sum(g.size for g in rr.groups) == 1008  # 9x16 + 9x32 + 9x64

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from apps.engine.models import DigitsResNet
 from apps.resrep import ResRep, ResRepConfig, TargetMissedError
-from apps.resrep.models import DigitsResNet
 from apps.resrep.recipe import paper_min_iters, resolve
 
 X = torch.randn(16, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apps.resrep.checkpoint import load_file
+from apps.engine.checkpoint import load_file
 from apps.resrep.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

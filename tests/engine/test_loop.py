@@ -12,10 +12,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from apps.resrep.checkpoint import CheckpointError, load_file
-from apps.resrep.data import DataConfig, EpochSampler, build_loaders
-from apps.resrep.engine import NonFiniteLossError, OptimConfig, evaluate, fit, sgd
-from apps.resrep.models import DigitsResNet
+from apps.engine.checkpoint import CheckpointError, load_file
+from apps.engine.data import DataConfig, EpochSampler, build_loaders
+from apps.engine.loop import NonFiniteLossError, OptimConfig, evaluate, fit, sgd
+from apps.engine.models import DigitsResNet
 
 
 def _loaders(limit=256, batch=32, **kw):
@@ -152,7 +152,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     _run(tmp_path)
     train, test = _loaders()
     model = _model()
-    with pytest.raises(CheckpointError, match="another run"):
+    with pytest.raises(CheckpointError, match=r"other settings \(run: .* → .b.\)"):
         fit(
             model,
             train,

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from apps.resrep.data import (
+from apps.engine.data import (
     ArrayDataset,
     DataConfig,
     DataError,

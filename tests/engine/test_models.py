@@ -8,10 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from apps.resrep.checkpoint import CheckpointError
-from apps.resrep.data import DataConfig, build_datasets
-from apps.resrep.engine import evaluate
-from apps.resrep.models import (
+from apps.engine.checkpoint import CheckpointError
+from apps.engine.data import DataConfig, build_datasets
+from apps.engine.loop import evaluate
+from apps.engine.models import (
     CifarResNet,
     DigitsResNet,
     ModelConfig,

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from apps.resrep import checkpoint as ck
-from apps.resrep.checkpoint import CheckpointError, load_file, rng_state, set_rng_state
+from apps.engine import checkpoint as ck
+from apps.engine.checkpoint import (
+    CheckpointError,
+    OutputError,
+    check_run_folder,
+    load_file,
+    rng_state,
+    set_rng_state,
+    settings_diff,
+)
 from reparam.atomic import atomic_save
 
 
@@ -64,3 +72,28 @@ def test_rng_state_roundtrip_through_a_file(tmp_path):
     _draw()
     set_rng_state(load_file(tmp_path / "r.pt")["rng"])
     assert _draw() == first
+
+
+def test_a_run_folder_is_checked_before_any_training(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_run_folder(a_file, resume=False)
+    with pytest.raises(OutputError, match="lies under .*file, which is a file"):
+        check_run_folder(a_file / "below", resume=False)
+    with pytest.raises(CheckpointError, match="holds no run"):
+        check_run_folder(tmp_path / "fresh", resume=True)
+    run = check_run_folder(tmp_path / "fresh" / "run", resume=False)
+    assert not run.exists()  # checked, nothing written
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"")
+    with pytest.raises(OutputError, match="already holds a run"):
+        check_run_folder(run, resume=False)
+    assert check_run_folder(run, resume=True) == run
+
+
+def test_settings_diff_names_what_differs():
+    saved = {"seed": 0, "data": {"dataset": "digits", "batch_size": 64}, "epochs": 2}
+    now = {"seed": 1, "data": {"dataset": "digits", "batch_size": 32}, "epochs": 2, "extra": True}
+    assert settings_diff(saved, now) == ["data.batch_size: 64 → 32", "extra: '<unset>' → True", "seed: 0 → 1"]
+    assert settings_diff(saved, saved) == []

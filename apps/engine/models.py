@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from reparam.graph import PrunePlan, apply_plan
+from reparam.ops.modules import geometry_from_module, geometry_to_module
 
 from .checkpoint import CheckpointError, load_file
-from .convert import biased_like
 
 __all__ = [
     "ModelConfig",
@@ -30,6 +30,7 @@ __all__ = [
     "load_weights",
     "unwrap_state_dict",
     "load_state_dict_checked",
+    "biased_like",
     "deploy_shell",
     "CIFAR_DEPTHS",
 ]
@@ -43,21 +44,16 @@ class ModelError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Which network to build.
-
-    arch: ``resnet20|32|44|56|110`` (CIFAR ResNet), ``digits_resnet``, ``tv:<name>`` (any torchvision
-    classification model, e.g. ``tv:resnet18``), or a user factory ``pkg.module:callable``
-    (called with ``num_classes=``).
-    shortcut: CIFAR ResNets only: ``A`` (zero-pad, parameter-free; the published checkpoints) or
-    ``B`` (1x1 conv + BN projection).
-    width: base width of ``digits_resnet``.
-    tv_weights: torchvision weights name (e.g. ``DEFAULT``); downloads, so only when asked.
-    """
+    """Which network to build."""
 
     arch: str = "digits_resnet"
+    """``resnet20|32|44|56|110`` (CIFAR ResNet), ``digits_resnet``, ``tv:<name>`` (any torchvision classifier, e.g. ``tv:resnet18``) or a factory ``pkg.module:callable`` (called with ``num_classes=``)."""
     shortcut: str = "A"
+    """CIFAR ResNets only: ``A`` (zero-pad, parameter-free; the published checkpoints) or ``B`` (1x1 conv + BN projection)."""
     width: int = 16
+    """Base width of ``digits_resnet``."""
     tv_weights: str = ""
+    """torchvision weights name (e.g. ``DEFAULT``); downloads, so only when asked."""
 
 
 class PadShortcut(nn.Module):
@@ -274,6 +270,14 @@ def _resized(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str) -> 
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return type(module)(w.shape[0], module.eps, module.momentum, module.affine, module.track_running_stats, **kw)
     raise ModelError(f"{prefix[:-1]}: cannot resize a {type(module).__name__} to the saved shapes")
+
+
+def biased_like(layer: nn.Module) -> nn.Module:
+    """A fresh conv/linear with ``layer``'s geometry, size, device and dtype, and a bias."""
+    kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.in_features, layer.out_features, bias=True, **kw)
+    return geometry_to_module(geometry_from_module(layer), layer.in_channels, layer.out_channels, True, **kw)
 
 
 def deploy_shell(model: nn.Module, state_dict: Mapping[str, torch.Tensor], plan: str | None = None) -> nn.Module:

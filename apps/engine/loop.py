@@ -1,9 +1,10 @@
-"""The training loop: `fit` and `evaluate`, device-agnostic, with AMP, channels_last, DDP and exact resume.
+"""The training loop every app shares: `fit` and `evaluate`, device-agnostic, with AMP, channels_last,
+DDP and exact resume.
 
-`fit` drives any classifier with any optimizer. A ``hooks`` object (ResRep, or anything with
-``after_backward()``, ``after_step(iteration)``, ``state_dict()``, ``load_state_dict()``) is called after
-every backward pass (gradients already all-reduced under DDP, unscaled under fp16) and after every
-optimizer step, and its state goes into the checkpoint.
+`fit` drives any classifier with any optimizer. A ``hooks`` object (an app's `Method`: ResRep, C-SGD …,
+or anything with ``after_backward()``, ``after_step(iteration)``, ``state_dict()``, ``load_state_dict()``)
+is called after every backward pass (gradients already all-reduced under DDP, unscaled under fp16) and
+after every optimizer step, and its state goes into the checkpoint.
 
 Checkpoints (``checkpoint_dir/last.pt``) are written atomically at the end of every epoch (and every
 ``checkpoint_every`` iterations if set). They hold the model, optimizer, LR scheduler, grad scaler, hook
@@ -35,13 +36,14 @@ from tqdm.auto import tqdm
 
 from reparam.atomic import atomic_save, atomic_write_text
 
-from .checkpoint import CheckpointError, load_file, rng_state, set_rng_state
+from .checkpoint import CheckpointError, load_file, rng_state, set_rng_state, settings_diff
 from .models import load_state_dict_checked
 
 __all__ = [
     "TrainConfig",
     "OptimConfig",
     "Hooks",
+    "Method",
     "NonFiniteLossError",
     "fit",
     "evaluate",
@@ -60,43 +62,68 @@ _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainConfig:
-    """How a run trains (the optimizer's settings live in `OptimConfig` or `ResRepConfig`).
-
-    epochs: passes over the training set; the LR follows a per-iteration cosine from lr to 0 over them.
-    device: ``auto`` (CUDA if present, the local rank's GPU under torchrun), ``cpu``, ``cuda:1``, ...
-    amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler).  channels_last: NHWC memory format.
-    seed: seeds python/numpy/torch before the model is built.
-    eval_every: validate every N epochs (and always after the last).
-    checkpoint_every: also checkpoint every N iterations (0: only at epoch ends).
-    progress: tqdm progress bars on the main process.
-    """
+    """How a run trains (the optimizer's settings live in `OptimConfig` or the method's config)."""
 
     epochs: int = 30
+    """Passes over the training set; the lr follows a per-iteration cosine from lr to 0 over them."""
     device: str = "auto"
+    """``auto`` (CUDA when present, the local rank's GPU under torchrun), ``cpu``, ``cuda:1`` …"""
     amp: str = "none"
+    """Mixed precision: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler)."""
     channels_last: bool = False
+    """NHWC memory format for the model and the batches."""
     seed: int = 0
+    """Seeds python, numpy and torch before the model is built."""
     eval_every: int = 1
+    """Validate every N epochs (and always after the last)."""
     checkpoint_every: int = 0
+    """Also checkpoint every N iterations (0: only at epoch ends)."""
     progress: bool = True
+    """tqdm progress bars on the main process."""
 
 
 @dataclass
 class OptimConfig:
-    """Plain SGD for base training: ``lr`` (cosine to 0 per iteration), ``momentum``, ``weight_decay``
-    (on weights of convs/linears only; norm weights and biases are not decayed), ``nesterov``."""
+    """Plain SGD for base training."""
 
     lr: float = 0.1
+    """Base learning rate (a cosine to 0 per iteration)."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 5e-4
+    """L2 on conv/linear weights only; norm weights and biases are not decayed."""
     nesterov: bool = False
+    """Nesterov momentum."""
 
 
 class Hooks(Protocol):
-    def after_backward(self) -> None: ...
-    def after_step(self, iteration: int) -> None: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    """What `fit` calls on the object it is given as ``hooks``."""
+
+    def after_backward(self) -> None:
+        """Edit the gradients (all-reduced, unscaled) before the optimizer step."""
+
+    def after_step(self, iteration: int) -> None:
+        """Act after optimizer step `iteration` (0-based): masks, schedules, projections."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly (goes into the checkpoint)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`."""
+
+
+class Method(Hooks, Protocol):
+    """A pruning method over the shared engine: the model it trains (with whatever it added to it),
+    the optimizer parameter groups it needs, the hooks `fit` calls, and the conversion into the plain
+    deployable model it promises, verified."""
+
+    model: nn.Module
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (lr, momentum, weight decay per group) for ``torch.optim.SGD``."""
+
+    def convert(self, verify_inputs: Any = None) -> tuple[nn.Module, Any]:
+        """The deployable model and a report of how exactly it matches the trained one."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -275,10 +302,11 @@ def fit(
         ck = load_file(ckpt_path, map_location=device)
         if not isinstance(ck, dict) or ck.get("format") != _FORMAT:
             raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this app (format {_FORMAT})")
-        if ck.get("meta", {}) != meta:
+        differ = settings_diff(ck.get("meta", {}), meta)
+        if differ:
             raise CheckpointError(
-                f"{ckpt_path} was written by another run: its settings {ck.get('meta')} "
-                f"differ from this run's {meta}; use a fresh --out or the same settings"
+                f"{ckpt_path} was written by a run with other settings ({'; '.join(differ)}); "
+                "resume with the same settings or use a fresh --out"
             )
         load_state_dict_checked(model, ck["model"], f"checkpoint {ckpt_path}")
         optimizer.load_state_dict(ck["optimizer"])

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from apps.resrep.checkpoint import load_file
-from apps.resrep.export import ExportError, export_model
-from apps.resrep.models import DigitsResNet
+from apps.engine.checkpoint import load_file
+from apps.engine.export import ExportError, export_model
+from apps.engine.models import DigitsResNet
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript export is asked for
 

@@ -51,28 +51,28 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where the data comes from and how it is batched.
-
-    dataset: digits | npz | jpeg-npz | cifar10 | cifar100 | imagefolder.
-    root: file (npz, jpeg-npz) or folder (cifar10/100, imagefolder); unused for digits.
-    batch_size: per-process batch size.  workers: DataLoader worker processes.
-    augment: random crop (pad = size/8) and horizontal flip for training (no flip for digits).
-    download: let torchvision download CIFAR into ``root`` when it is missing.
-    image_size: crop size for imagefolder (train RandomResizedCrop, test resize 8/7 + center crop).
-    normalize: mean/std preset: imagenet | cifar | none (digits are always scaled to [0, 1]).
-    train_limit / test_limit: keep only the first N examples (0 = all), for smoke runs.
-    """
+    """Where the data comes from and how it is batched."""
 
     dataset: str = "digits"
+    """digits | npz | jpeg-npz | cifar10 | cifar100 | imagefolder."""
     root: str = ""
+    """File (npz, jpeg-npz) or folder (cifar10/100, imagefolder); unused for digits."""
     batch_size: int = 64
+    """Per-process batch size."""
     workers: int = 0
+    """DataLoader worker processes."""
     augment: bool = True
+    """Random crop (pad = size/8) and horizontal flip for training (no flip for digits)."""
     download: bool = False
+    """Let torchvision download CIFAR into root when it is missing."""
     image_size: int = 224
+    """Crop size for imagefolder (train RandomResizedCrop, test resize 8/7 + center crop)."""
     normalize: str = "imagenet"
+    """Mean/std preset: imagenet | cifar | none (digits are always scaled to [0, 1])."""
     train_limit: int = 0
+    """Keep only the first N training examples (0: all), for smoke runs."""
     test_limit: int = 0
+    """Keep only the first N test examples (0: all), for smoke runs."""
 
 
 @dataclass(frozen=True)

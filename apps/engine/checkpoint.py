@@ -7,6 +7,7 @@ either the old file or the new one).
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "load_file", "rng_state", "set_rng_state"]
+__all__ = [
+    "CheckpointError",
+    "OutputError",
+    "check_run_folder",
+    "load_file",
+    "rng_state",
+    "set_rng_state",
+    "settings_diff",
+    "writable_folder",
+]
 
 
 class CheckpointError(ValueError):
@@ -64,3 +74,47 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class OutputError(ValueError):
+    """The output folder cannot hold the run (not a folder, not writable, already holds another run)."""
+
+
+def writable_folder(out: str | Path) -> Path:
+    """`out` if a run can write there, checked without writing anything: the folder, or the nearest of its
+    parents that exists, is a folder this process may write into. `OutputError` otherwise (a file in the
+    way, no permission); the folder itself is created by the first file written into it."""
+    path = Path(out)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise OutputError(f"--out {path} {where}, not a folder; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {path} cannot be created or written (no write permission on {existing})")
+    return path
+
+
+def check_run_folder(out: str | Path, resume: bool, checkpoint_name: str = "last.pt") -> Path:
+    """`out` made ready for a run, before any training: a `writable_folder` holding a run exactly when
+    ``resume`` is asked (`OutputError` for a run already there without it, `CheckpointError` for
+    ``resume`` on a folder that holds none)."""
+    path = writable_folder(out)
+    held = (path / checkpoint_name).exists()
+    if held and not resume:
+        raise OutputError(
+            f"{path} already holds a run ({checkpoint_name}); pass --resume to continue it or choose a new --out"
+        )
+    if resume and not held:
+        raise CheckpointError(f"--resume: {path} holds no run ({checkpoint_name} missing); drop --resume to start one")
+    return path
+
+
+def settings_diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """``name: saved → current`` for every setting (nested mappings flattened with dots) that differs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            line
+            for key in sorted(set(saved) | set(current), key=str)
+            for line in settings_diff(saved.get(key, "<unset>"), current.get(key, "<unset>"), f"{prefix}{key}.")
+        ]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} → {current!r}"]
