@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,12 +53,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reparam.graph import ChannelGroup, PruneError, prune, trace
+from reparam.graph import ChannelGroup, trace
 from reparam.graph.tracing import as_tuple
 from reparam.ops.blocks import Compactor
 
 from ..engine.checkpoint import CheckpointError
 from ..engine.data import DataInfo
+from ..engine.groups import removable_or_why
 from ..engine.models import ModelConfig, build_model, load_state_dict_checked
 from .config import ResRepConfig
 from .convert import ConversionReport, convert
@@ -169,7 +169,10 @@ class ResRep:
             self.model, self.example_inputs, leaf_modules=tuple(leaf_modules), round_to=self.config.round_to
         )
         reasons = {g.id: self._skip_reason(g) for g in self.graph.groups}
-        reasons.update(self._surgery_failures([g for g in self.graph.groups if reasons[g.id] is None]))
+        candidates = [g for g in self.graph.groups if reasons[g.id] is None]
+        reasons.update(
+            removable_or_why(self.model, self.example_inputs, self.graph, candidates, self._min_keep, "ResRep")
+        )
         self.groups: list[ChannelGroup] = [g for g in self.graph.groups if reasons[g.id] is None]
         self.skipped: dict[int, str] = {gid: r for gid, r in reasons.items() if r is not None}
         if not self.groups:
@@ -231,55 +234,6 @@ class ResRep:
                     "compactor only merges into a plain Conv2d without keeping a grouped conv grouped"
                 )
         return None
-
-    def _surgery_failures(self, groups: list[ChannelGroup]) -> dict[int, str]:
-        """Groups whose channels `reparam.graph.prune` cannot remove (e.g. a size hard-coded in the
-        model's code), found before any training by a dry run that keeps a different fraction (30-70%)
-        of every group, so that coupled sizes cannot match by coincidence; each failing group is
-        skipped with the reason and a warning, so the conversion cannot fail after training."""
-
-        def keep_count(g: ChannelGroup) -> int:
-            fraction = 0.3 + 0.4 * ((g.id * 0.6180339887) % 1.0)
-            return max(self._min_keep(g), int(g.size * fraction) // g.multiple * g.multiple)
-
-        def dry_run(subset: list[ChannelGroup]) -> str | None:
-            keep = {g.id: range(keep_count(g)) for g in subset if keep_count(g) < g.size}
-            try:
-                prune(self.model, self.example_inputs, keep, graph=self.graph)
-            except PruneError as exc:
-                return str(exc)
-            return None
-
-        failures: dict[int, str] = {}
-
-        def bisect(subset: list[ChannelGroup]) -> None:
-            why = dry_run(subset)
-            if why is None:
-                return
-            if len(subset) == 1:
-                failures[subset[0].id] = f"reparam.graph.prune cannot remove its channels: {why}"
-                return
-            found = len(failures)
-            bisect(subset[: len(subset) // 2])
-            bisect(subset[len(subset) // 2 :])
-            if len(failures) == found:  # only the combination fails: keep the whole subset unpruned
-                failures.update(
-                    {
-                        g.id: f"reparam.graph.prune cannot remove these channels together with "
-                        f"groups {[h.id for h in subset]}: {why}"
-                        for g in subset
-                    }
-                )
-
-        bisect(groups)
-        if failures:
-            warnings.warn(
-                f"ResRep leaves {len(failures)} channel group(s) at full width because the pruned "
-                f"program would not run: {next(iter(failures.values()))}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return failures
 
     def _min_keep(self, group: ChannelGroup) -> int:
         return min(group.size, max(self.config.num_at_least, group.min_channels))

@@ -1,0 +1,78 @@
+"""Clusters of channels: k-means on filters or even runs of indices, and the widths a MACs target asks for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+__all__ = ["even_clusters", "kmeans_clusters", "widths_for_target"]
+
+
+def even_clusters(channels: int, clusters: int) -> list[list[int]]:
+    """`clusters` runs of consecutive indices covering ``range(channels)``, sizes differing by at most 1
+    (the first ``channels mod clusters`` get the extra one)."""
+    _check(channels, clusters)
+    base, extra = divmod(channels, clusters)
+    out, start = [], 0
+    for i in range(clusters):
+        size = base + (i < extra)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def kmeans_clusters(features: np.ndarray, clusters: int, seed: int = 0) -> list[list[int]]:
+    """k-means (scikit-learn, k-means++ init, `seed`) of the rows of `features` (one per channel) into
+    `clusters` non-empty clusters, each listed in increasing channel order, ordered by first member."""
+    channels = features.shape[0]
+    _check(channels, clusters)
+    if clusters == channels:
+        return [[i] for i in range(channels)]
+    from sklearn.cluster import KMeans
+
+    rows = np.asarray(features, dtype=np.float64).reshape(channels, -1)
+    labels = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit_predict(rows)
+    found = [sorted(np.flatnonzero(labels == c).tolist()) for c in range(clusters)]
+    found = [c for c in found if c]
+    while len(found) < clusters:  # identical rows can leave clusters empty: split the largest
+        largest = max(range(len(found)), key=lambda i: len(found[i]))
+        members = found.pop(largest)
+        found += [members[: len(members) // 2], members[len(members) // 2 :]]
+    return sorted(found, key=lambda c: c[0])
+
+
+def widths_for_target(
+    sizes: Mapping[int, int],
+    minimum: Mapping[int, int],
+    multiple: Mapping[int, int],
+    macs: Callable[[dict[int, int]], float],
+    target: float,
+) -> dict[int, int]:
+    """Per group, ``ceil(r · size)`` rounded up to its `multiple` (at least its `minimum`), for the largest
+    fraction r whose `macs` stay at or below `target` (bisection over r). ValueError if even the
+    minimum widths exceed it."""
+
+    def at(r: float) -> dict[int, int]:
+        out = {}
+        for gid, n in sizes.items():
+            m = multiple.get(gid, 1)
+            w = max(minimum.get(gid, 1), int(np.ceil(r * n / m)) * m)
+            out[gid] = min(n, w)
+        return out
+
+    if macs(at(0.0)) > target:
+        raise ValueError(
+            f"the MACs target {target:.0f} is out of reach: with every group at its minimum width the model has "
+            f"{macs(at(0.0)):.0f} MACs"
+        )
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if macs(at(mid)) <= target else (low, mid)
+    return at(low)
+
+
+def _check(channels: int, clusters: int) -> None:
+    if not 1 <= clusters <= channels:
+        raise ValueError(f"cannot make {clusters} clusters of {channels} channels: need 1 <= clusters <= channels")

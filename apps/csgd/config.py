@@ -1,0 +1,101 @@
+"""`CSGDConfig`: the knobs of Centripetal SGD, with the spec's defaults (ResNet-56 / CIFAR-10 operating point).
+
+C-SGD fixes, per prunable channel group, clusters of channels (k-means on the filters, or even runs of
+indices) whose number is the group's target width, then trains every cluster's filters to become
+identical: after backward each clustered row's gradient becomes the cluster-mean task gradient plus
+``weight_decay`` · W plus ``centripetal_strength`` · (W − cluster mean) (the norm's γ/β and biases with
+``vector_strength_factor`` · ε and no decay). Identical filters with identical norms emit identical
+channels, so all but one per cluster are removed exactly, the consumers summing the removed members'
+input slices; a residual-coupled group shares one clustering across all its producers.
+
+The target widths come from ``flops_target``: one fraction of every candidate group's width, the largest
+whose MACs stay at or below the target. The paper's strength (3e-3) collapses a cluster by a factor
+``(1 − lr·(η+ε))`` per step, ~1e-4 at lr 0.03: hundreds of epochs to reach float32 precision. A run of N
+iterations therefore raises ε to what collapses the clusters by ``collapse_factor`` within its first
+``collapse_fraction`` (``centripetal_strength=None``, the default); a number fixes ε.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Clustering = Literal["kmeans", "even"]
+Mode = Literal["residual", "paper"]
+
+
+@dataclass(frozen=True)
+class CSGDConfig:
+    """Hyper-parameters of Centripetal SGD (see the module docstring)."""
+
+    flops_target: float = 0.471
+    """Fraction of the original MACs to keep, in (0, 1): 0.471 is a 52.9% reduction."""
+    mode: Mode = "residual"
+    """``residual``: every prunable group, residual-coupled ones sharing one clustering; ``paper``: only
+    groups with one producer (the internal layers of residual blocks)."""
+    clustering: Clustering = "kmeans"
+    """``kmeans`` (scikit-learn, k-means++, seeded) on the group's filters, or ``even`` (runs of
+    consecutive indices, sizes differing by at most 1)."""
+    seed: int = 0
+    """Seed of the k-means clustering."""
+    lr: float = 0.03
+    """Base learning rate of the SGD C-SGD builds."""
+    momentum: float = 0.9
+    """SGD momentum (Nesterov)."""
+    weight_decay: float = 1e-4
+    """η: L2 on conv/linear kernels, applied inside the centripetal rule on clustered layers."""
+    bias_lr_factor: float = 2.0
+    """Learning-rate factor of biases and norm parameters."""
+    centripetal_strength: float | None = None
+    """ε, the pull of every clustered row to its cluster mean (none: the budget rule; the paper: 3e-3)."""
+    collapse_fraction: float = 0.3
+    """Budget rule: the fraction of the run within which the clusters collapse."""
+    collapse_factor: float = 1e-9
+    """Budget rule: by how much the within-cluster differences shrink over that fraction."""
+    vector_strength_factor: float = 0.1
+    """Factor of ε on the norm's γ/β and on biases (the paper's 0.1)."""
+    num_at_least: int = 1
+    """Clusters every group keeps at least."""
+    merge_tolerance: float = 1e-5
+    """Largest relative error between the merged model and the trained one that `convert` accepts."""
+    on_unconverged: Literal["raise", "warn"] = "raise"
+    """What `convert` does when the clusters have not converged that far: ``raise`` or ``warn``."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.flops_target, (int, float)) and 0.0 < self.flops_target < 1.0):
+            raise ValueError(
+                f"flops_target must lie in (0, 1) (the fraction of the original MACs to keep), got {self.flops_target!r}"
+            )
+        for name, allowed in (
+            ("mode", ("residual", "paper")),
+            ("clustering", ("kmeans", "even")),
+            ("on_unconverged", ("raise", "warn")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "bias_lr_factor", "centripetal_strength", "vector_strength_factor"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+        if not 0.0 < self.collapse_fraction <= 1.0 or not 0.0 < self.collapse_factor < 1.0:
+            raise ValueError(
+                f"collapse_fraction must lie in (0, 1] and collapse_factor in (0, 1), got "
+                f"{self.collapse_fraction!r}, {self.collapse_factor!r}"
+            )
+        if not isinstance(self.num_at_least, int) or self.num_at_least < 1:
+            raise ValueError(f"num_at_least must be a positive integer, got {self.num_at_least!r}")
+
+    def strength(self, total_iters: int | None) -> float:
+        """ε for a run of `total_iters`: the configured one, or the budget rule's
+        ``ln(1/collapse_factor) / (lr · collapse_fraction · N)``, at least the paper's 3e-3 and at most
+        ``0.05 / lr`` (a step then moves a member at most 5% of the way to its cluster mean, which keeps
+        the momentum iteration stable; with momentum μ the differences still shrink by ~√μ per step)."""
+        if self.centripetal_strength is not None:
+            return float(self.centripetal_strength)
+        if not total_iters:
+            return 3e-3
+        needed = math.log(1.0 / self.collapse_factor) / (self.lr * self.collapse_fraction * total_iters)
+        return min(0.05 / self.lr, max(3e-3, needed - self.weight_decay))

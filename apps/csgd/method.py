@@ -1,0 +1,387 @@
+"""`CSGD`: Centripetal SGD on a copy of a model, as a method object over the shared training engine.
+
+Per prunable channel group of `reparam.graph` (residual-coupled ones too, with ``mode="residual"``) the
+channels are split into as many clusters as the group's target width; every tensor slice that defines a
+channel (producer kernel rows, biases, the norm's γ/β and running statistics) is *output side*, every
+slice that reads one (consumer input columns, after a flatten too) is *input side*. `after_backward`
+replaces each output-side gradient row by the centripetal rule; `convert` keeps the first member of every
+cluster, adds the removed members' input slices into it in every consumer and removes the rest with
+`reparam.graph.prune`, verifying the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from reparam.graph import ChannelGroup, Member, prune, trace
+from reparam.graph.tracing import as_tuple
+from reparam.verify import relative_error
+
+from ..engine.groups import removable_or_why
+from .clusters import even_clusters, kmeans_clusters, widths_for_target
+from .config import CSGDConfig
+
+__all__ = ["CSGD", "ClusterMergeReport", "UnconvergedError"]
+
+
+class UnconvergedError(ValueError):
+    """`convert` was asked before the clusters converged: the merged model would differ from the trained one."""
+
+
+@dataclass(frozen=True)
+class ClusterMergeReport:
+    """What `CSGD.convert` did and how exact it is.
+
+    ``max_rel_error``: the merged model vs the trained one with every cluster set to its kept member
+    (both in float64): the exactness of the merge itself. ``max_rel_error_vs_trained``: the merged model
+    vs the model as trained, in its own dtype (small once the clusters have converged). ``spread``: the
+    largest deviation of a member from its cluster's mean, relative to its tensor's largest entry.
+    """
+
+    max_rel_error: float
+    max_rel_error_vs_trained: float
+    spread: float
+    tolerance: float
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    widths: dict[int, int]
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1.0 - self.macs_after / self.macs_before
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "macs_reduction": self.macs_reduction}
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Rows (dim 0) of one output-side tensor that hold a clustered group's channels."""
+
+    name: str
+    rows: Tensor  # positions along dim 0
+    cluster: Tensor  # bucket of each position: (cluster, offset within its channel), see `_mapping`
+    count: Tensor  # positions per bucket (at least 1)
+    source: Tensor  # for each position, the position of its cluster's kept member (same offset)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Columns (dim 1) of one consumer weight that read a clustered group's channels."""
+
+    name: str
+    columns: Tensor
+    target: Tensor  # for each column, the local index of its kept member's column (same offset)
+
+
+def _mapping(member: Member, cluster_of: np.ndarray, keep_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket per position, the position of the kept member's matching entry per position).
+
+    A channel may own several positions of a tensor (the rows of a depthwise conv with a channel
+    multiplier, the columns of a linear after a flatten); its r-th position matches the r-th of every
+    other member of its cluster, so a bucket is a (cluster, r) pair: the entries that must become equal."""
+    positions, channels = np.asarray(member.positions), np.asarray(member.channels)
+    order: dict[int, list[int]] = {}
+    for pos, ch in sorted(zip(positions.tolist(), channels.tolist())):
+        order.setdefault(ch, []).append(pos)
+    rank = {pos: i for ps in order.values() for i, pos in enumerate(ps)}
+    ranks = np.array([rank[pos] for pos in positions.tolist()], dtype=np.int64)
+    source = np.array([order[int(keep_of[ch])][rank[pos]] for pos, ch in zip(positions.tolist(), channels.tolist())])
+    per_channel = int(ranks.max()) + 1 if len(ranks) else 1
+    return cluster_of[channels] * per_channel + ranks, source
+
+
+class CSGD:
+    """C-SGD on a copy of ``model``: clusters, optimizer groups, the centripetal gradient rule, the merge.
+
+    ``example_inputs`` trace the channel groups and verify the merge; ``total_iters`` (the run's length)
+    sets the budget rule's centripetal strength. Raises ValueError when no group can be clustered or the
+    MACs target is out of reach.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Tensor | Sequence[Tensor],
+        config: CSGDConfig | None = None,
+        *,
+        total_iters: int | None = None,
+        leaf_modules: Sequence[str | type[nn.Module]] = (),
+    ) -> None:
+        self.config = config if config is not None else CSGDConfig()
+        self.total_iters = total_iters
+        self.model = copy.deepcopy(model)
+        device = next(self.model.parameters()).device
+        self.example_inputs: tuple[Tensor, ...] = tuple(x.to(device) for x in as_tuple(example_inputs))
+        self._leaf_modules = tuple(leaf_modules)
+        self.graph = trace(self.model, self.example_inputs, leaf_modules=self._leaf_modules)
+        reasons = {g.id: self._cluster_reason(g) for g in self.graph.groups}
+        candidates = [g for g in self.graph.groups if reasons[g.id] is None]
+        reasons.update(
+            removable_or_why(self.model, self.example_inputs, self.graph, candidates, self._min_keep, "C-SGD")
+        )
+        self.groups: list[ChannelGroup] = [g for g in self.graph.groups if reasons[g.id] is None]
+        self.skipped: dict[int, str] = {gid: r for gid, r in reasons.items() if r is not None}
+        if not self.groups:
+            raise ValueError(
+                f"C-SGD found no channel group it can cluster with mode={self.config.mode!r} "
+                f"(why, per group id: {dict(list(self.skipped.items())[:8])})"
+            )
+        self.base_macs = int(self.graph.macs())
+        self.widths = widths_for_target(
+            {g.id: g.size for g in self.groups},
+            {g.id: self._min_keep(g) for g in self.groups},
+            {g.id: g.multiple for g in self.groups},
+            lambda w: self.graph.macs(w),
+            self.config.flops_target * self.base_macs,
+        )
+        self.clusters: dict[int, list[list[int]]] = {g.id: self._cluster(g, self.widths[g.id]) for g in self.groups}
+        self.strength = self.config.strength(total_iters)
+        self._index()
+
+    # ------------------------------------------------------------------ structure
+    def _sides(self, group: ChannelGroup) -> tuple[list[Member], list[Member], str | None]:
+        """(output-side members, input-side members, why the group cannot be clustered)."""
+        out_side, in_side = [], []
+        for m in group.members:
+            if m.kind == "node":
+                continue
+            owner, _, attr = m.name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            if isinstance(module, _ConvNd) and not module.transposed or isinstance(module, nn.Linear):
+                if attr == "weight" and m.dim == 1:
+                    if getattr(module, "groups", 1) != 1:
+                        return (
+                            [],
+                            [],
+                            (
+                                f"it feeds the grouped convolution {owner} (groups={module.groups}), whose input "
+                                "slices cannot be summed across its groups"
+                            ),
+                        )
+                    in_side.append(m)
+                else:
+                    out_side.append(m)
+            elif isinstance(module, _BatchNorm):
+                out_side.append(m)
+            else:
+                return (
+                    [],
+                    [],
+                    (
+                        f"{m.name} belongs to a {type(module).__name__}, which C-SGD cannot make channel-wise "
+                        "identical (only convolutions, linear layers and batch norms)"
+                    ),
+                )
+        if not in_side:
+            return [], [], "no layer reads its channels, so removed members have nowhere to go"
+        return out_side, in_side, None
+
+    def _cluster_reason(self, group: ChannelGroup) -> str | None:
+        """Why ``group`` is not clustered (None: it is a candidate)."""
+        if not group.prunable:
+            return f"not prunable: {group.reason}"
+        if not group.producers:
+            return "no producer layer"
+        if self.config.mode == "paper" and len(group.producers) > 1:
+            return "mode='paper' keeps residual-coupled groups at full width"
+        return self._sides(group)[2]
+
+    def _min_keep(self, group: ChannelGroup) -> int:
+        return min(group.size, max(self.config.num_at_least, group.min_channels))
+
+    def _cluster(self, group: ChannelGroup, k: int) -> list[list[int]]:
+        if self.config.clustering == "even" or k == group.size:
+            return even_clusters(group.size, k)
+        state = dict(self.model.named_parameters())
+        rows = []
+        for m in self._sides(group)[0]:
+            tensor = state.get(m.name)
+            if tensor is None or tensor.ndim < 2:
+                continue  # kernels only (spec: the layer's kernel reshaped to out x in·k·k)
+            by_channel = np.zeros((group.size, int(np.prod(tensor.shape[1:]))))
+            block = tensor.detach().double().cpu().reshape(tensor.shape[0], -1).numpy()
+            by_channel[np.asarray(m.channels)] = block[np.asarray(m.positions)]
+            rows.append(by_channel)
+        return kmeans_clusters(np.concatenate(rows, axis=1), k, seed=self.config.seed)
+
+    def _index(self) -> None:
+        """Index tensors for the gradient rule and the merge, from ``self.clusters``."""
+        device = next(self.model.parameters()).device
+        self._slices: dict[str, list[_Slice]] = {}
+        self._columns: list[_Columns] = []
+        for group in self.groups:
+            cluster_of = np.zeros(group.size, dtype=np.int64)
+            keep_of = np.zeros(group.size, dtype=np.int64)
+            for c, members in enumerate(self.clusters[group.id]):
+                cluster_of[members], keep_of[members] = c, members[0]
+            out_side, in_side, _ = self._sides(group)
+            for m in out_side:
+                bucket, source = _mapping(m, cluster_of, keep_of)
+                as_t = lambda a: torch.as_tensor(a, dtype=torch.long, device=device)  # noqa: E731
+                counts = as_t(np.maximum(np.bincount(bucket), 1))
+                self._slices.setdefault(m.name, []).append(
+                    _Slice(m.name, as_t(m.positions), as_t(bucket), counts, as_t(source))
+                )
+            for m in in_side:
+                _, source = _mapping(m, cluster_of, keep_of)
+                local = {int(p): i for i, p in enumerate(np.asarray(m.positions).tolist())}
+                target = torch.as_tensor([local[int(s)] for s in source], dtype=torch.long, device=device)
+                self._columns.append(
+                    _Columns(m.name, torch.as_tensor(m.positions, dtype=torch.long, device=device), target)
+                )
+        params = dict(self.model.named_parameters())
+        self.centripetal: dict[str, nn.Parameter] = {n: params[n] for n in self._slices if n in params}
+
+    # ------------------------------------------------------------------ training
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Clustered kernels without the optimizer's decay (η is inside the rule), other kernels with decay
+        η, biases and norm parameters at ``bias_lr_factor`` x lr without decay."""
+        cfg = self.config
+        clustered = {id(p) for n, p in self.centripetal.items() if p.ndim > 1}
+        kernels = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1 and id(p) not in clustered]
+        vectors = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
+        return [
+            {"params": [p for p in self.model.parameters() if id(p) in clustered], "weight_decay": 0.0},
+            {"params": kernels, "weight_decay": cfg.weight_decay},
+            {"params": vectors, "weight_decay": 0.0, "lr": cfg.lr * cfg.bias_lr_factor},
+        ]
+
+    def optimizer(self) -> torch.optim.SGD:
+        """SGD, Nesterov momentum, over `param_groups` (the spec's optimizer)."""
+        groups = [g for g in self.param_groups() if g["params"]]
+        return torch.optim.SGD(groups, lr=self.config.lr, momentum=self.config.momentum, nesterov=True)
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """The centripetal rule on every output-side row: ``g̃ = mean_H(g) + η·W + ε·(W − mean_H(W))``
+        for kernels, ``mean_H(g) + f·ε·(v − mean_H(v))`` for vectors (f = ``vector_strength_factor``)."""
+        cfg = self.config
+        for name, p in self.centripetal.items():
+            if p.grad is None:
+                continue
+            kernel = p.ndim > 1
+            eta, eps = (
+                (cfg.weight_decay, self.strength) if kernel else (0.0, cfg.vector_strength_factor * self.strength)
+            )
+            updates = []
+            for s in self._slices[name]:
+                g = p.grad.index_select(0, s.rows).reshape(len(s.rows), -1)
+                w = p.index_select(0, s.rows).reshape(len(s.rows), -1)
+                mean_g, mean_w = (
+                    torch.zeros((s.count.numel(), g.shape[1]), dtype=g.dtype, device=g.device).index_add_(
+                        0, s.cluster, t
+                    )
+                    / s.count.to(g.dtype)[:, None]
+                    for t in (g, w)
+                )
+                updates.append((s.rows, mean_g[s.cluster] + eta * w + eps * (w - mean_w[s.cluster])))
+            if eta:
+                p.grad.add_(p, alpha=eta)  # rows outside every clustered group: plain weight decay
+            for rows, new in updates:
+                p.grad.index_copy_(0, rows, new.reshape((-1,) + tuple(p.shape[1:])))
+
+    def after_step(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    @torch.no_grad()
+    def spread(self) -> float:
+        """The largest deviation of any output-side entry (parameters and running statistics) from its
+        cluster's mean, relative to its tensor's largest magnitude: 0 once the clusters have collapsed."""
+        tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        worst = 0.0
+        for name, slices in self._slices.items():
+            t = tensors[name].detach().double()
+            scale = float(t.abs().max()) or 1.0
+            for s in slices:
+                rows = t.index_select(0, s.rows).reshape(len(s.rows), -1)
+                mean = torch.zeros((s.count.numel(), rows.shape[1]), dtype=rows.dtype, device=rows.device)
+                mean = mean.index_add_(0, s.cluster, rows) / s.count.to(rows.dtype)[:, None]
+                worst = max(worst, float((rows - mean[s.cluster]).abs().max()) / scale)
+        return worst
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clusters": {int(k): [list(map(int, c)) for c in v] for k, v in self.clusters.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        clusters = {int(k): [list(c) for c in v] for k, v in state["clusters"].items()}
+        if set(clusters) != {g.id for g in self.groups}:
+            raise ValueError("the saved clusters belong to other channel groups (another model or mode)")
+        self.clusters = clusters
+        self._index()
+
+    # ------------------------------------------------------------------ conversion
+    def convert(self, verify_inputs: Tensor | Sequence[Tensor] | None = None) -> tuple[nn.Module, ClusterMergeReport]:
+        """``(merged, report)``: one member per cluster, the removed members' input slices added into it in
+        every consumer, the rest removed by `reparam.graph.prune`. The merge runs on a float64 copy with
+        every cluster set to its kept member and is verified there (≤1e-10); the merged model, in the
+        model's dtype, must match the trained one to ``merge_tolerance`` (`UnconvergedError` otherwise,
+        with the measured spread; ``on_unconverged="warn"`` warns)."""
+        first = next(self.model.parameters())
+        device, dtype = first.device, first.dtype
+        wide = lambda xs: tuple(x.double() if x.is_floating_point() else x for x in xs)  # noqa: E731
+        example = wide(x.to(device) for x in self.example_inputs)
+        inputs = example if verify_inputs is None else wide(x.to(device) for x in as_tuple(verify_inputs))
+        snapped = copy.deepcopy(self.model).eval().double()
+        tensors = {**dict(snapped.named_parameters()), **dict(snapped.named_buffers())}
+        with torch.no_grad():
+            for name, slices in self._slices.items():
+                for s in slices:
+                    tensors[name].index_copy_(0, s.rows, tensors[name].index_select(0, s.source))
+            merged = copy.deepcopy(snapped)
+            merged_tensors = dict(merged.named_parameters())
+            for c in self._columns:
+                w = merged_tensors[c.name]
+                part = w.index_select(1, c.columns)
+                w.index_copy_(1, c.columns, torch.zeros_like(part).index_add_(1, c.target, part))
+        keep = {g.id: sorted(members[0] for members in self.clusters[g.id]) for g in self.groups}
+        wide_graph = trace(merged, example, leaf_modules=self._leaf_modules)
+        smaller = {k: v for k, v in keep.items() if len(v) < wide_graph.groups[k].size}
+        merged = prune(merged, example, smaller, graph=wide_graph).eval()
+        with torch.no_grad():
+            error = relative_error(snapped(*inputs), merged(*inputs))
+            merged = merged.to(dtype)
+            native = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+            was_training = self.model.training
+            error_trained = relative_error(self.model.eval()(*native), merged(*native))
+            self.model.train(was_training)
+        spread = self.spread()
+        report = ClusterMergeReport(
+            max_rel_error=error,
+            max_rel_error_vs_trained=error_trained,
+            spread=spread,
+            tolerance=self.config.merge_tolerance,
+            macs_before=self.base_macs,
+            macs_after=int(self.graph.macs({g.id: len(keep[g.id]) for g in self.groups})),
+            params_before=sum(p.numel() for p in self.model.parameters()),
+            params_after=sum(p.numel() for p in merged.parameters()),
+            widths={g.id: len(keep[g.id]) for g in self.groups},
+        )
+        if not error <= 1e-10:
+            raise UnconvergedError(
+                f"the C-SGD merge is not exact: max relative error {error:.3e} > 1e-10 in float64 with every cluster "
+                "set to its kept member; a layer between the clustered channels and their consumers mixes channels"
+            )
+        if not error_trained <= self.config.merge_tolerance:
+            message = (
+                f"C-SGD clusters have not converged: the merged model differs from the trained one by max relative "
+                f"error {error_trained:.3e} > merge_tolerance {self.config.merge_tolerance:.0e} (largest member "
+                f"deviation from its cluster mean {spread:.2e} of its tensor's scale); train longer or raise "
+                f"centripetal_strength (now {self.strength:.3g})"
+            )
+            if self.config.on_unconverged == "raise":
+                raise UnconvergedError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return merged, report

@@ -1,0 +1,70 @@
+"""Which channel groups a pruning method may shrink: a dry run of the surgery before any training."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+
+from reparam.graph import ChannelGraph, ChannelGroup, PruneError, prune
+
+__all__ = ["removable_or_why"]
+
+
+def removable_or_why(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    graph: ChannelGraph,
+    groups: Sequence[ChannelGroup],
+    min_keep: Callable[[ChannelGroup], int],
+    method: str,
+) -> dict[int, str]:
+    """Why each of `groups` that `reparam.graph.prune` cannot shrink (e.g. a size hard-coded in the model's
+    code) must stay at full width, found before any training by a dry run that keeps a different fraction
+    (30-70%) of every group, so that coupled sizes cannot match by coincidence. Failing groups are found
+    by bisection; `method` names the app in the warning that lists them."""
+
+    def keep_count(g: ChannelGroup) -> int:
+        fraction = 0.3 + 0.4 * ((g.id * 0.6180339887) % 1.0)
+        return max(min_keep(g), int(g.size * fraction) // g.multiple * g.multiple)
+
+    def dry_run(subset: Sequence[ChannelGroup]) -> str | None:
+        keep = {g.id: range(keep_count(g)) for g in subset if keep_count(g) < g.size}
+        try:
+            prune(model, inputs, keep, graph=graph)
+        except PruneError as exc:
+            return str(exc)
+        return None
+
+    failures: dict[int, str] = {}
+
+    def bisect(subset: Sequence[ChannelGroup]) -> None:
+        why = dry_run(subset)
+        if why is None:
+            return
+        if len(subset) == 1:
+            failures[subset[0].id] = f"reparam.graph.prune cannot remove its channels: {why}"
+            return
+        found = len(failures)
+        bisect(subset[: len(subset) // 2])
+        bisect(subset[len(subset) // 2 :])
+        if len(failures) == found:  # only the combination fails: keep the whole subset unpruned
+            failures.update(
+                {
+                    g.id: f"reparam.graph.prune cannot remove these channels together with "
+                    f"groups {[h.id for h in subset]}: {why}"
+                    for g in subset
+                }
+            )
+
+    if groups:
+        bisect(list(groups))
+    if failures:
+        warnings.warn(
+            f"{method} leaves {len(failures)} channel group(s) at full width because the pruned "
+            f"program would not run: {next(iter(failures.values()))}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return failures

@@ -1,0 +1,177 @@
+"""C-SGD: clusters, the centripetal rule as the spec's matrix form, an exact merge on every kind of
+coupling the graph knows, convergence under the shared engine, and clear refusals."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from apps.csgd import CSGD, CSGDConfig, UnconvergedError, even_clusters, kmeans_clusters, widths_for_target
+from apps.engine.loop import fit
+from apps.engine.models import CifarResNet as PublishedResNet
+from tests.graph.nets import TRICKY
+
+
+@given(st.integers(1, 40).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))))
+def test_even_clusters_cover_every_channel_with_sizes_one_apart(case):
+    n, k = case
+    clusters = even_clusters(n, k)
+    assert sorted(i for c in clusters for i in c) == list(range(n)) and len(clusters) == k
+    assert max(map(len, clusters)) - min(map(len, clusters)) <= 1
+
+
+def test_kmeans_is_seeded_non_empty_and_finds_planted_clusters():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 5)) * 10
+    labels = rng.integers(0, 3, 30)
+    labels[:3] = [0, 1, 2]
+    rows = centres[labels] + rng.normal(size=(30, 5)) * 0.01
+    clusters = kmeans_clusters(rows, 3, seed=0)
+    assert clusters == kmeans_clusters(rows, 3, seed=0)
+    assert sorted(sorted(c) for c in clusters) == sorted(sorted(np.flatnonzero(labels == i).tolist()) for i in range(3))
+    assert len(kmeans_clusters(np.zeros((6, 2)), 4)) == 4  # identical rows: still 4 non-empty clusters
+    with pytest.raises(ValueError, match="cannot make 7 clusters of 6 channels"):
+        kmeans_clusters(np.zeros((6, 2)), 7)
+
+
+def test_widths_meet_the_target_with_one_fraction_of_every_group():
+    sizes = {0: 16, 1: 32}
+    macs = lambda w: 10 * w[0] + 3 * w[1]  # noqa: E731
+    widths = widths_for_target(sizes, {0: 1, 1: 1}, {0: 1, 1: 2}, macs, 0.5 * macs(sizes))
+    assert macs(widths) <= 0.5 * macs(sizes) and widths[1] % 2 == 0
+    with pytest.raises(ValueError, match="out of reach"):
+        widths_for_target(sizes, {0: 16, 1: 32}, {}, macs, 1.0)
+
+
+def _loss_step(cs: CSGD, x: torch.Tensor) -> None:
+    cs.model.zero_grad(set_to_none=True)
+    cs.model(x).square().mean().backward()
+
+
+def test_the_rule_is_the_specs_matrix_form():
+    """G̃ = M·G + (η·I + ε·(I − M))·W on every clustered kernel, M the block-averaging matrix."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    cs = CSGD(PublishedResNet(depth=20).train(), x, CSGDConfig(flops_target=0.5, centripetal_strength=0.3))
+    _loss_step(cs, x)
+    raw = {n: p.grad.clone() for n, p in cs.centripetal.items()}
+    cs.after_backward()
+    eta, eps = cs.config.weight_decay, cs.strength
+    checked = 0
+    for name, p in cs.centripetal.items():
+        if p.ndim < 2 or len(cs._slices[name]) != 1:
+            continue
+        s = cs._slices[name][0]
+        n = p.shape[0]
+        assert sorted(s.rows.tolist()) == list(range(n))
+        m = torch.zeros(n, n, dtype=torch.float64)
+        for i, ci in zip(s.rows.tolist(), s.cluster.tolist()):
+            for j, cj in zip(s.rows.tolist(), s.cluster.tolist()):
+                m[i, j] = float(ci == cj) / int(s.count[ci])
+        g, w = raw[name].double().reshape(n, -1), p.detach().double().reshape(n, -1)
+        expected = m @ g + (eta * torch.eye(n, dtype=torch.float64) + eps * (torch.eye(n, dtype=torch.float64) - m)) @ w
+        torch.testing.assert_close(p.grad.double().reshape(n, -1), expected, rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked >= 10
+
+
+def _identical_clusters(cs: CSGD) -> None:
+    """Make every cluster's members identical (what training converges to)."""
+    tensors = {**dict(cs.model.named_parameters()), **dict(cs.model.named_buffers())}
+    with torch.no_grad():
+        for name, slices in cs._slices.items():
+            for s in slices:
+                tensors[name].index_copy_(0, s.rows, tensors[name].index_select(0, s.source))
+
+
+@pytest.mark.parametrize(
+    "name", ["cifar_resnet", "concat_residual", "split", "flatten_linear", "shuffle", "pad_shortcut"]
+)
+def test_converged_clusters_merge_exactly_across_every_coupling(name):
+    cls, shape = TRICKY[name]
+    torch.manual_seed(0)
+    model = cls().eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.normal_(generator=gen)
+                m.bias.normal_(generator=gen)
+    x = torch.randn(shape)
+    try:
+        cs = CSGD(model, x, CSGDConfig(flops_target=0.6, clustering="even"))
+    except ValueError as err:
+        pytest.skip(f"nothing to cluster in {name}: {err}")
+    _identical_clusters(cs)
+    merged, report = cs.convert(x)
+    assert report.max_rel_error <= 1e-10 and report.max_rel_error_vs_trained <= 1e-5 and report.spread <= 1e-6
+    assert report.macs_after < report.macs_before and report.params_after < report.params_before
+    with torch.no_grad():
+        y = cs.model.eval()(x)
+        assert float((merged(x) - y).abs().max() / y.abs().max()) <= 1e-5
+
+
+def test_training_under_the_engine_converges_and_merges_within_float32():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    epochs = 60
+    cs = CSGD(PublishedResNet(depth=20), x[:4], CSGDConfig(flops_target=0.5), total_iters=epochs * len(loader))
+    fit(cs.model, loader, None, epochs=epochs, optimizer=cs.optimizer(), hooks=cs, progress=False, device="cpu")
+    merged, report = cs.convert(x[:8])
+    assert (
+        report.spread <= 1e-5
+        and report.max_rel_error_vs_trained <= 1e-5
+        and report.macs_after <= 0.5 * report.macs_before
+    )
+    assert cs.state_dict()["clusters"] == {k: v for k, v in cs.clusters.items()}
+
+
+def test_an_unconverged_merge_is_refused_with_the_spread():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    cs = CSGD(PublishedResNet(depth=20).eval(), x, CSGDConfig(flops_target=0.5))
+    with pytest.raises(UnconvergedError, match=r"have not converged.*deviation from its cluster mean .* train longer"):
+        cs.convert(x)
+    loud = CSGD(PublishedResNet(depth=20).eval(), x, CSGDConfig(flops_target=0.5, on_unconverged="warn"))
+    with pytest.warns(RuntimeWarning, match="have not converged"):
+        loud.convert(x)
+
+
+def test_clusters_survive_a_checkpoint_round_trip():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    cs = CSGD(PublishedResNet(depth=20), x, CSGDConfig(flops_target=0.5))
+    state = cs.state_dict()
+    other = CSGD(PublishedResNet(depth=20), x, CSGDConfig(flops_target=0.5, seed=3))
+    other.load_state_dict(state)
+    assert other.clusters == cs.clusters
+    with pytest.raises(ValueError, match="other channel groups"):
+        other.load_state_dict({"clusters": {999: [[0]]}})
+
+
+def test_a_group_that_cannot_be_clustered_says_why():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.norm, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 1)
+            self.c, self.bn, self.d = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.d(self.bn(self.c(self.b(self.norm(self.a(x))))).relu())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        cs = CSGD(Scaled().eval(), torch.randn(1, 3, 4, 4), CSGDConfig(flops_target=0.9))
+    assert any("GroupNorm, which C-SGD cannot make channel-wise identical" in r for r in cs.skipped.values())
+    with pytest.raises(ValueError, match="flops_target must lie in"):
+        CSGDConfig(flops_target=1.5)
