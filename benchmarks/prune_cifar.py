@@ -18,13 +18,17 @@ from 0.02 to 0 over the iterations left:
                       70%. Internal layers only, see `tp_ignored_layers`.
   d  l1-oneshot       L1-norm filter ranking, normalised per group and ranked globally, one cut to T with
                       `reparam.graph.prune` at iteration 0, fine-tuning for all N iterations.
+  e  csgd             C-SGD (`apps.csgd prune`): k-means clusters on every prunable group (residual groups
+                      sharing one clustering) as many as the widths that meet T, collapsed by the
+                      centripetal rule over the first 30% of N (its budget strength, Nesterov momentum, the
+                      spec's bias lr x2), then the cosine; merged exactly at the end.
 
 Each (method, target) runs once per seed (``--seeds``, default 0,1,2); the report gives the mean and the
 spread (sample standard deviation) over the seeds. ``--ablation`` instead runs variants of (b) at the first
 target and seed, each with one component of the budget recipe switched off (`ABLATIONS`).
 
-Every run is a subprocess (the `apps.resrep` CLI for the base and for a/b, this script's ``--worker``
-mode for c/d) with its log in ``<run dir>.log``; a run is done when its folder holds ``summary.json``
+Every run is a subprocess (the `apps.resrep` CLI for the base and for a/b, the `apps.csgd` CLI for e,
+this script's ``--worker`` mode for c/d) with its log in ``<run dir>.log``; a run is done when its folder holds ``summary.json``
 and is resumed from its atomic checkpoint otherwise, so the benchmark can be killed and rerun at any
 time with nothing lost; ``--jobs`` runs that many side by side (``--threads`` each). A method that
 cannot reach a target (e.g. paper mode at a low target: "out of reach") is recorded with its error
@@ -73,7 +77,9 @@ from common import latencies, machine_meta, write_json
 from torch import nn
 
 import reparam
+from apps.csgd.app import APP as CSGD_APP
 from apps.engine.checkpoint import load_file
+from apps.engine.commands import App, restore
 from apps.engine.data import DataConfig, DataInfo, build_loaders
 from apps.engine.loop import CHECKPOINT_NAME, NonFiniteLossError, OptimConfig, evaluate, fit, resolve_device, sgd
 from apps.engine.models import (
@@ -84,7 +90,7 @@ from apps.engine.models import (
     load_weights,
     unwrap_state_dict,
 )
-from apps.resrep import restore_resrep
+from apps.resrep.app import APP as RESREP_APP
 from apps.resrep.config import ResRepConfig
 from apps.resrep.selection import select_masks
 from reparam.atomic import atomic_save
@@ -92,12 +98,13 @@ from reparam.graph import ChannelGroup, load_pruned, prune, save_pruned, trace
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {"quick": "resnet20", "full": "resnet56"}
-METHODS = {"a": "resrep-paper", "b": "resrep-residual", "c": "tp-groupnorm", "d": "l1-oneshot"}
+METHODS = {"a": "resrep-paper", "b": "resrep-residual", "c": "tp-groupnorm", "d": "l1-oneshot", "e": "csgd"}
 SCOPES = {
     "resrep-paper": "internal layers of blocks",
     "resrep-residual": "all prunable groups",
     "tp-groupnorm": "internal layers of blocks (TP cannot prune through option-A pads)",
     "l1-oneshot": "all prunable groups",
+    "csgd": "all prunable groups (residual groups share one clustering)",
 }
 DEFAULT_TARGETS = (0.471, 0.35)
 BATCH = 64
@@ -206,8 +213,8 @@ class Step:
     argv: Callable[[bool], list[str]]
 
 
-def cli(setup: Setup, command: str, *flags: str) -> Callable[[bool], list[str]]:
-    """``python -m apps.resrep COMMAND`` with the shared data/model flags, `flags` and ``--resume`` if asked."""
+def cli(setup: Setup, command: str, *flags: str, app: str = "resrep") -> Callable[[bool], list[str]]:
+    """``python -m apps.<app> COMMAND`` with the shared data/model flags, `flags` and ``--resume`` if asked."""
     data = [
         "--dataset",
         "jpeg-npz",
@@ -224,7 +231,7 @@ def cli(setup: Setup, command: str, *flags: str) -> Callable[[bool], list[str]]:
     ]
     for flag, n in (("--train-limit", setup.train_limit), ("--test-limit", setup.test_limit)):
         data += [flag, str(n)] if n else []
-    argv = [sys.executable, "-m", "apps.resrep", command, *data, *flags]
+    argv = [sys.executable, "-m", f"apps.{app}", command, *data, *flags]
     return lambda resume: argv + (["--resume"] if resume else [])
 
 
@@ -282,6 +289,15 @@ def resrep_step(setup: Setup, run: Run) -> Step:
     )
 
 
+def csgd_step(setup: Setup, run: Run) -> Step:
+    """C-SGD by its CLI with its defaults (budget strength, collapse over 30% of N) and the shared lr."""
+    out = setup.run_dir(run)
+    flags = ["--checkpoint", str(setup.base_dir / CHECKPOINT_NAME), "--epochs", str(setup.epochs)]
+    flags += ["--lr", f"{FINETUNE.lr:g}", "--flops-target", f"{run.target:g}", "--seed", str(run.seed)]
+    flags += ["--cluster-seed", str(run.seed), "--formats", "state_dict", "--out", str(out)]
+    return Step(step_name(run), out, cli(setup, "prune", *flags, app="csgd"))
+
+
 @dataclass(frozen=True)
 class Job:
     """What a ``--worker`` process runs (method c or d), passed as JSON on its command line."""
@@ -321,6 +337,8 @@ def worker_step(setup: Setup, run: Run) -> Step:
 def method_step(setup: Setup, run: Run) -> Step:
     if run.method.startswith("resrep-"):
         return resrep_step(setup, run)
+    if run.method == "csgd":
+        return csgd_step(setup, run)
     return worker_step(setup, run)
 
 
@@ -654,24 +672,26 @@ def run_worker(job: Job) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- report
-def resrep_deploy(run_dir: Path, model_cfg: ModelConfig, info: DataInfo) -> nn.Module:
-    """The converted network of a finished ResRep run, rebuilt from its ``last.pt`` as the CLI's
+def method_deploy(app: App, run_dir: Path, model_cfg: ModelConfig, info: DataInfo) -> nn.Module:
+    """The converted network of a finished ResRep or C-SGD run, rebuilt from its ``last.pt`` as the CLI's
     ``export`` does (so runs whose ``deploy.pt`` predates the stored channel plan work too)."""
     size = (info.in_channels, info.image_size, info.image_size)
-    rr = restore_resrep(
+    method = restore(
+        app,
         load_file(run_dir / CHECKPOINT_NAME),
         model_cfg,
         info,
         torch.zeros(1, *size),
         f"checkpoint {run_dir / CHECKPOINT_NAME}",
     )
-    return rr.convert(torch.randn(64, *size, generator=torch.Generator().manual_seed(0)))[0]
+    return method.convert(torch.randn(64, *size, generator=torch.Generator().manual_seed(0)))[0]
 
 
 def final_model(method: str, run_dir: Path, model_cfg: ModelConfig, info: DataInfo) -> nn.Module:
     """The trained, pruned network of a finished run (CPU, eval mode)."""
-    if method.startswith("resrep-"):
-        return resrep_deploy(run_dir, model_cfg, info).eval()
+    if method.startswith("resrep-") or method == "csgd":
+        app = CSGD_APP if method == "csgd" else RESREP_APP
+        return method_deploy(app, run_dir, model_cfg, info).eval()
     fresh = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
     if method == "tp-groupnorm":
         return deploy_shell(fresh, unwrap_state_dict(load_file(run_dir / "final.pt"))).eval()

@@ -1,12 +1,14 @@
-"""ResRep's costs and pay-off on CPU: training-step overhead, pruned latency against MACs, conversion
-and graph-building time.
+"""The pruning apps' costs and pay-off on CPU: training-step overhead (ResRep, C-SGD), pruned latency
+against MACs, conversion and graph-building time.
 
 For each CIFAR ResNet (option-A shortcuts, 32x32 input):
 
 1. **Training step** — one SGD step (forward, backward, update) of the plain network against one
    ResRep step (compactors, `after_backward` gradient rule, compactor momentum) on the same batch,
    timed interleaved (one step of each per round, order rotating); ratio = ResRep / plain. Mask
-   re-selection runs once every ``mask_interval`` (200) steps; its own time is reported apart.
+   re-selection runs once every ``mask_interval`` (200) steps; its own time is reported apart. The
+   same for a C-SGD step (Nesterov SGD with the centripetal rule on every clustered group, residual
+   groups included) against the plain step; target ratio ≤ 1.10.
 2. **Pruned latency** — the base network (BN folded, eval) against a ResRep-converted network at
    the MACs target, batch 1 and 64, interleaved medians. ``speedup`` = base time / pruned time;
    ``speedup / MACs ratio`` is the ratio of ratios (1.0: latency falls exactly as the MACs do). The
@@ -36,8 +38,10 @@ import torch.nn.functional as F
 from common import interleaved, latencies, machine_meta, print_table, write_json
 from torch import nn
 
+from apps.csgd import CSGD, CSGDConfig
 from apps.engine.checkpoint import load_file
 from apps.engine.data import DataInfo
+from apps.engine.loop import Hooks
 from apps.engine.models import ModelConfig, build_model, deploy_shell
 from apps.resrep import ResRep, ResRepConfig, restore_resrep
 from reparam.graph import trace
@@ -52,7 +56,7 @@ def _base(arch: str) -> nn.Module:
 
 
 def _stepper(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, rr: ResRep | None
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, rr: Hooks | None
 ) -> Callable[[], None]:
     """One training step as a closure (channels_last, like the training runs)."""
     model.train().to(memory_format=torch.channels_last)
@@ -86,6 +90,8 @@ def train_step(arch: str, batch: int, seconds: float) -> dict:
         rr = ResRep(_base(arch), x[:2].contiguous(), ResRepConfig(mode=mode, recipe="budget"), total_iters=10**6)
         rrs[mode] = rr
         steps[f"resrep-{mode}"] = _stepper(rr.model, rr.optimizer(), x, y, rr)
+    cs = CSGD(_base(arch), x[:2].contiguous(), CSGDConfig(), total_iters=10**6)
+    steps["csgd"] = _stepper(cs.model, cs.optimizer(), x, y, cs)
     probe = interleaved(steps, rounds=1, warmup=2)
     rounds = max(7, int(seconds / sum(probe.values())))
     t = interleaved(steps, rounds)
@@ -98,7 +104,7 @@ def train_step(arch: str, batch: int, seconds: float) -> dict:
         "batch": batch,
         "rounds": rounds,
         "step_s": t,
-        "ratio": {f"resrep-{m}": t[f"resrep-{m}"] / t["plain"] for m in rrs},
+        "ratio": {**{f"resrep-{m}": t[f"resrep-{m}"] / t["plain"] for m in rrs}, "csgd": t["csgd"] / t["plain"]},
         "compactors": {m: len(rr.sites) for m, rr in rrs.items()},
         "mask_update_s": statistics.median(select),
         "mask_update_per_step_at_interval_200": statistics.median(select) / 200 / t["plain"],
@@ -208,7 +214,7 @@ def main() -> None:
 
     print(f"CPU, {torch.get_num_threads()} threads, float32, channels_last training, medians of interleaved rounds\n")
     print_table(
-        ["arch", "batch", "plain step s", "ResRep step s", "ratio", "paper-mode ratio", "mask update s"],
+        ["arch", "batch", "plain step s", "ResRep step s", "ratio", "paper-mode ratio", "mask update s", "C-SGD ratio"],
         [
             [
                 r["arch"],
@@ -218,6 +224,7 @@ def main() -> None:
                 f"{t['ratio']['resrep-residual']:.3f}",
                 f"{t['ratio']['resrep-paper']:.3f}",
                 f"{t['mask_update_s']:.4f}",
+                f"{t['ratio']['csgd']:.3f}",
             ]
             for r in results
             for t in [r["train_step"]]

@@ -37,7 +37,7 @@ class CSGDConfig:
     clustering: Clustering = "kmeans"
     """``kmeans`` (scikit-learn, k-means++, seeded) on the group's filters, or ``even`` (runs of
     consecutive indices, sizes differing by at most 1)."""
-    seed: int = 0
+    cluster_seed: int = 0
     """Seed of the k-means clustering."""
     lr: float = 0.03
     """Base learning rate of the SGD C-SGD builds."""

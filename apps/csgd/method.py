@@ -12,6 +12,7 @@ cluster, adds the removed members' input slices into it in every consumer and re
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -215,7 +216,7 @@ class CSGD:
             block = tensor.detach().double().cpu().reshape(tensor.shape[0], -1).numpy()
             by_channel[np.asarray(m.channels)] = block[np.asarray(m.positions)]
             rows.append(by_channel)
-        return kmeans_clusters(np.concatenate(rows, axis=1), k, seed=self.config.seed)
+        return kmeans_clusters(np.concatenate(rows, axis=1), k, seed=self.config.cluster_seed)
 
     def _index(self) -> None:
         """Index tensors for the gradient rule and the merge, from ``self.clusters``."""
@@ -264,6 +265,20 @@ class CSGD:
         groups = [g for g in self.param_groups() if g["params"]]
         return torch.optim.SGD(groups, lr=self.config.lr, momentum=self.config.momentum, nesterov=True)
 
+    def lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR | None:
+        """The learning-rate shape of a run of ``total_iters``: constant while the clusters collapse (the
+        first ``collapse_fraction``), then a cosine to 0 over the rest (None without ``total_iters``: the
+        engine's cosine over the whole run)."""
+        total = self.total_iters
+        if not total:
+            return None
+        hold = int(self.config.collapse_fraction * total)
+
+        def factor(i: int) -> float:
+            return 1.0 if i < hold else 0.5 * (1.0 + math.cos(math.pi * min(1.0, (i - hold) / max(1, total - hold))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
     @torch.no_grad()
     def after_backward(self) -> None:
         """The centripetal rule on every output-side row: ``g̃ = mean_H(g) + η·W + ε·(W − mean_H(W))``
@@ -295,6 +310,17 @@ class CSGD:
 
     def after_step(self, iteration: int) -> None:
         self.iteration = iteration
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Columns of the training log: the largest within-cluster spread and the centripetal strength."""
+        return {"spread": self.spread(), "centripetal_strength": self.strength}
+
+    def summary(self) -> dict[str, Any]:
+        """What a prune run's ``summary.json`` adds about C-SGD: clusters per group and the strength used."""
+        return {
+            "group_widths": {str(g.id): {"size": g.size, "kept": len(self.clusters[g.id])} for g in self.groups},
+            "centripetal_strength": self.strength,
+        }
 
     @torch.no_grad()
     def spread(self) -> float:

@@ -12,9 +12,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..engine.loop import fit
+from .app import restore_resrep
 from .config import ResRepConfig
 from .convert import ConversionError, ConversionReport
-from .method import ResRep, TargetMissedError, restore_resrep
+from .method import ResRep, TargetMissedError
 
 __all__ = [
     "ConversionError",

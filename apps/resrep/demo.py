@@ -16,22 +16,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..engine.data import DataConfig, build_loaders
-from ..engine.loop import OptimConfig, evaluate, fit, sgd
-from ..engine.models import DigitsResNet
+from ..engine.demo import convert_verified, digits_base, one_thread, train_method
 from .config import ResRepConfig
 from .method import ResRep
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
 DEMO_CONFIG = ResRepConfig(flops_target=0.5, lr=0.03, weight_decay=1e-4)
-BASE_EPOCHS, PRUNE_EPOCHS, SEED = 20, 30, 0
+BASE_EPOCHS, PRUNE_EPOCHS = 20, 30
 
 
 def run_demo(
@@ -48,61 +43,18 @@ def run_demo(
         if not quiet:
             print(text, flush=True)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the network is tiny: one thread is as fast, and immune to a busy machine
-    try:
+    with one_thread():
         return _run(out, say, base_epochs, prune_epochs, config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(out, say, base_epochs: int, prune_epochs: int, config: ResRepConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
-    torch.manual_seed(SEED)
-    device = torch.device("cpu")
-    train_loader, test_loader, info = build_loaders(DataConfig(dataset="digits", batch_size=64), seed=SEED)
-    model = DigitsResNet(info.num_classes, info.in_channels, width=16)
-    say(
-        f"[1/4] training the base model on digits ({len(train_loader.dataset)} train / "
-        f"{len(test_loader.dataset)} test images, {base_epochs} epochs)"
-    )
-    fit(
-        model,
-        train_loader,
-        test_loader,
-        epochs=base_epochs,
-        optimizer=sgd(model, OptimConfig(lr=0.1)),
-        device=device,
-        progress=False,
-    )
-    base = evaluate(model, test_loader, device=device)
-
+    model, train_loader, test_loader, base = digits_base(say, base_epochs)
     say(f"[2/4] ResRep to {config.flops_target:.0%} of the MACs ({prune_epochs} epochs)")
     example = next(iter(test_loader))[0][:1]  # MACs are counted for the traced batch: one image
     rr = ResRep(model, example, config, iters_per_epoch=len(train_loader), total_iters=prune_epochs * len(train_loader))
-    optimizer = rr.optimizer()
-    fit(
-        rr.model,
-        train_loader,
-        test_loader,
-        epochs=prune_epochs,
-        optimizer=optimizer,
-        scheduler=rr.lr_scheduler(optimizer),
-        hooks=rr,
-        device=device,
-        progress=False,
-    )
-    rr.check_target()
-
-    say("[3/4] converting to the plain narrow network and verifying it")
-    verify = torch.cat([x for x, _ in test_loader])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        deploy, report = rr.convert(verify)
-    for w in caught:
-        say(f"      note: {w.message}")
-    say("[4/4] evaluating")
-    pruned = evaluate(deploy, test_loader, device=device)
+    train_method(rr, train_loader, test_loader, prune_epochs)
+    deploy, report, pruned = convert_verified(rr, test_loader, say)
     summary = {
         "base_accuracy": base["acc"],
         "pruned_accuracy": pruned["acc"],
@@ -137,7 +89,7 @@ def _run(out, say, base_epochs: int, prune_epochs: int, config: ResRepConfig) ->
     if out is not None:
         from reparam.atomic import atomic_write_text
 
-        from .plots import plot_widths
+        from ..engine.plots import plot_widths
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -57,10 +57,7 @@ from reparam.graph import ChannelGroup, trace
 from reparam.graph.tracing import as_tuple
 from reparam.ops.blocks import Compactor
 
-from ..engine.checkpoint import CheckpointError
-from ..engine.data import DataInfo
 from ..engine.groups import removable_or_why
-from ..engine.models import ModelConfig, build_model, load_state_dict_checked
 from .config import ResRepConfig
 from .convert import ConversionReport, convert
 from .recipe import Plan, paper_min_iters, resolve
@@ -72,8 +69,6 @@ __all__ = [
     "ResRep",
     "TargetMissedError",
     "compactor_gradient",
-    "require_prune_checkpoint",
-    "restore_resrep",
 ]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -561,6 +556,17 @@ class ResRep:
         )
 
     # ------------------------------------------------------------------ accounting
+    def epoch_metrics(self) -> dict[str, int]:
+        """Columns of the training log: MACs of the masked model and channels masked so far."""
+        return {"macs": self.macs(masked=True), "masked": sum(int((~m).sum()) for m in self.masks.values())}
+
+    def summary(self) -> dict[str, Any]:
+        """What a prune run's ``summary.json`` adds about ResRep: kept widths per group and the plan."""
+        return {
+            "group_widths": {str(g.id): {"size": g.size, "kept": int(self.masks[g.id].sum())} for g in self.groups},
+            "plan": self.plan.describe(),
+        }
+
     def group_widths(self) -> dict[int, int]:
         """Kept channels per candidate group id."""
         return {gid: int(m.sum()) for gid, m in self.masks.items()}
@@ -610,26 +616,3 @@ class ResRep:
         BN after producers), verified against the compactor model with masked rows zeroed; see
         `apps.resrep.convert.convert`."""
         return convert(self, verify_inputs)
-
-
-def require_prune_checkpoint(obj: Any, source: str) -> None:
-    """CheckpointError unless `obj` (a loaded file) is a prune run's checkpoint."""
-    if not (isinstance(obj, Mapping) and obj.get("meta", {}).get("command") == "prune"):
-        raise CheckpointError(f"{source} is not a prune run's checkpoint (OUT/last.pt of `resrep prune`)")
-
-
-def restore_resrep(
-    checkpoint: Mapping[str, Any],
-    model_cfg: ModelConfig,
-    info: DataInfo,
-    example: torch.Tensor,
-    source: str = "checkpoint",
-) -> ResRep:
-    """The `ResRep` of a prune run's checkpoint (``OUT/last.pt``, already loaded): the model rebuilt,
-    compactors and masks restored, ready for ``convert()``. CheckpointError for any other file."""
-    require_prune_checkpoint(checkpoint, source)
-    model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
-    rr = ResRep(model, example, ResRepConfig(**checkpoint["meta"]["resrep"]))
-    load_state_dict_checked(rr.model, checkpoint["model"], source)
-    rr.load_state_dict(checkpoint["hooks"])
-    return rr

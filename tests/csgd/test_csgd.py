@@ -152,7 +152,7 @@ def test_clusters_survive_a_checkpoint_round_trip():
     x = torch.randn(2, 3, 8, 8)
     cs = CSGD(PublishedResNet(depth=20), x, CSGDConfig(flops_target=0.5))
     state = cs.state_dict()
-    other = CSGD(PublishedResNet(depth=20), x, CSGDConfig(flops_target=0.5, seed=3))
+    other = CSGD(PublishedResNet(depth=20), x, CSGDConfig(flops_target=0.5, cluster_seed=3))
     other.load_state_dict(state)
     assert other.clusters == cs.clusters
     with pytest.raises(ValueError, match="other channel groups"):

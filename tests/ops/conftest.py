@@ -13,8 +13,12 @@ import importlib.util
 import inspect
 
 import pytest
+from hypothesis import settings
 
 from reparam.testing.backends import ARRAY_LIBRARIES, on_backend
+
+FEWER_EXAMPLES = {"jax": 10}
+"""Examples per property on libraries that compile every op for every new shape (jax: ~0.1 s a call)."""
 
 ALGEBRA_MODULES = frozenset(
     f"reparam.ops.{m}" for m in ("branches", "concat", "linear", "norm", "sequential", "slicing", "_array")
@@ -45,8 +49,23 @@ def array_library(request):
     originals = _algebra_functions(vars(module))
     for name, fn in originals.items():
         setattr(module, name, on_backend(fn, request.param))
+    limits = _limit_examples(module, FEWER_EXAMPLES.get(request.param))
     try:
         yield request.param
     finally:
         for name, fn in originals.items():
             setattr(module, name, fn)
+        for test, original in limits.items():
+            test._hypothesis_internal_use_settings = original
+
+
+def _limit_examples(module, limit: int | None) -> dict:
+    """At most `limit` examples for the module's hypothesis tests while the fixture lasts (hypothesis reads
+    a test's settings from this attribute when the test runs); returns what to restore."""
+    changed = {}
+    for test in vars(module).values():
+        current = getattr(test, "_hypothesis_internal_use_settings", None)
+        if limit is not None and isinstance(current, settings) and current.max_examples > limit:
+            changed[test] = current
+            test._hypothesis_internal_use_settings = settings(current, max_examples=limit)
+    return changed

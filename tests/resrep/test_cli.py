@@ -10,7 +10,18 @@ import textwrap
 import pytest
 import torch
 
-from apps.resrep.cli import _GROUPS, build_parser, main
+from apps.engine.data import DataConfig
+from apps.engine.loop import OptimConfig, TrainConfig
+from apps.engine.models import ModelConfig
+from apps.resrep import ResRepConfig
+from apps.resrep.cli import build_parser, main
+
+GROUPS = {
+    "train": (DataConfig, ModelConfig, TrainConfig, OptimConfig),
+    "prune": (DataConfig, ModelConfig, TrainConfig, ResRepConfig),
+    "eval": (DataConfig, ModelConfig),
+    "export": (DataConfig, ModelConfig),
+}
 
 DATA = ["--dataset", "digits", "--train-limit", "256", "--batch-size", "32"]
 TINY = [*DATA, "--arch", "digits_resnet", "--width", "4"]  # eval / export
@@ -22,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # To
 def test_every_config_field_has_a_flag():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
-    for command, classes in _GROUPS.items():
+    for command, classes in GROUPS.items():
         dests = {a.dest for a in sub[command]._actions}
         for cls in classes:
             assert {f.name for f in dataclasses.fields(cls)} <= dests, (command, cls)

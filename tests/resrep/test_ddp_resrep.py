@@ -88,13 +88,14 @@ def test_two_gloo_processes_match_one(tmp_path, recipe):
     x, y = data()
     expected = run(single.model, single, x, y)
     assert any(not m.all() for m in expected[-1].values())  # masking did happen
-    # fork: the workers inherit the imported modules instead of importing torch and the app again
+    # forkserver: the workers fork from a fresh server process, not from this one (its autograd and jax
+    # threads would not survive a fork)
     mp.start_processes(
         worker,
         args=(2, str(tmp_path / "init"), str(tmp_path / "out"), recipe),
         nprocs=2,
         join=True,
-        start_method="fork",
+        start_method="forkserver",
     )
     for rank in range(2):
         got = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=True)

@@ -1,4 +1,4 @@
-"""PNG plots of a ResRep run: per-layer widths before/after, and accuracy / MACs over training."""
+"""PNG plots of a run: per-layer widths before/after, and accuracy / MACs over training."""
 
 from __future__ import annotations
 

@@ -1,0 +1,7 @@
+"""``python -m apps.csgd``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,28 @@
+"""Command line: ``python -m apps.csgd {train,prune,eval,export,demo}`` (also installed as ``csgd``).
+
+The commands are the shared ones of `apps.engine.commands` (see there); ``prune`` takes one flag per
+field of `CSGDConfig` besides `DataConfig`, `ModelConfig` and `TrainConfig`, and refuses (exit status 2,
+with the measured spread) to merge clusters that have not converged.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from ..engine import commands
+from .app import APP
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser():
+    return commands.build_parser(APP)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return commands.main(APP, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
