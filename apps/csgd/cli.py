@@ -8,21 +8,13 @@ with the measured spread) to merge clusters that have not converged.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 
-from ..engine import commands
+from ..engine.commands import entry_points
 from .app import APP
 
 __all__ = ["build_parser", "main"]
 
-
-def build_parser():
-    return commands.build_parser(APP)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return commands.main(APP, argv)
-
+build_parser, main = entry_points(APP)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -30,9 +31,12 @@ def kmeans_clusters(features: np.ndarray, clusters: int, seed: int = 0) -> list[
     if clusters == channels:
         return [[i] for i in range(channels)]
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     rows = np.asarray(features, dtype=np.float64).reshape(channels, -1)
-    labels = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit_predict(rows)
+    with warnings.catch_warnings():  # fewer distinct rows than clusters: the empty ones are split below
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        labels = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit_predict(rows)
     found = [sorted(np.flatnonzero(labels == c).tolist()) for c in range(clusters)]
     found = [c for c in found if c]
     while len(found) < clusters:  # identical rows can leave clusters empty: split the largest

@@ -28,7 +28,7 @@ from reparam.graph import ChannelGroup, Member, prune, trace
 from reparam.graph.tracing import as_tuple
 from reparam.verify import relative_error
 
-from ..engine.groups import removable_or_why
+from ..engine.groups import candidate_groups
 from .clusters import even_clusters, kmeans_clusters, widths_for_target
 from .config import CSGDConfig
 
@@ -128,13 +128,9 @@ class CSGD:
         self.example_inputs: tuple[Tensor, ...] = tuple(x.to(device) for x in as_tuple(example_inputs))
         self._leaf_modules = tuple(leaf_modules)
         self.graph = trace(self.model, self.example_inputs, leaf_modules=self._leaf_modules)
-        reasons = {g.id: self._cluster_reason(g) for g in self.graph.groups}
-        candidates = [g for g in self.graph.groups if reasons[g.id] is None]
-        reasons.update(
-            removable_or_why(self.model, self.example_inputs, self.graph, candidates, self._min_keep, "C-SGD")
+        self.groups, self.skipped = candidate_groups(
+            self.model, self.example_inputs, self.graph, self._cluster_reason, self._min_keep, "C-SGD"
         )
-        self.groups: list[ChannelGroup] = [g for g in self.graph.groups if reasons[g.id] is None]
-        self.skipped: dict[int, str] = {gid: r for gid, r in reasons.items() if r is not None}
         if not self.groups:
             raise ValueError(
                 f"C-SGD found no channel group it can cluster with mode={self.config.mode!r} "

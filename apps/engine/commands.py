@@ -472,3 +472,15 @@ def main(app: App, argv: Sequence[str] | None = None) -> int:
     if is_main_process():
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2, default=float))
     return 0
+
+
+def entry_points(app: App) -> tuple[Callable[[], argparse.ArgumentParser], Callable[[Sequence[str] | None], int]]:
+    """``(build_parser, main)`` of `app`'s command line, for its ``cli`` module and installed script."""
+
+    def app_parser() -> argparse.ArgumentParser:
+        return build_parser(app)
+
+    def app_main(argv: Sequence[str] | None = None) -> int:
+        return main(app, argv)
+
+    return app_parser, app_main

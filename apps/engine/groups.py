@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from reparam.graph import ChannelGraph, ChannelGroup, PruneError, prune
 
-__all__ = ["removable_or_why"]
+__all__ = ["candidate_groups", "removable_or_why"]
 
 
 def removable_or_why(
@@ -65,6 +65,23 @@ def removable_or_why(
             f"{method} leaves {len(failures)} channel group(s) at full width because the pruned "
             f"program would not run: {next(iter(failures.values()))}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return failures
+
+
+def candidate_groups(
+    model: nn.Module,
+    inputs: tuple[Tensor, ...],
+    graph: ChannelGraph,
+    reason: Callable[[ChannelGroup], str | None],
+    min_keep: Callable[[ChannelGroup], int],
+    method: str,
+) -> tuple[list[ChannelGroup], dict[int, str]]:
+    """``(groups, skipped)``: the groups of `graph` a method may shrink — those its own `reason` does not
+    rule out and `removable_or_why` finds removable — and why each other group stays at full width."""
+    reasons = {g.id: reason(g) for g in graph.groups}
+    reasons.update(
+        removable_or_why(model, inputs, graph, [g for g in graph.groups if reasons[g.id] is None], min_keep, method)
+    )
+    return [g for g in graph.groups if reasons[g.id] is None], {gid: r for gid, r in reasons.items() if r is not None}

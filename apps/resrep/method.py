@@ -57,7 +57,7 @@ from reparam.graph import ChannelGroup, trace
 from reparam.graph.tracing import as_tuple
 from reparam.ops.blocks import Compactor
 
-from ..engine.groups import removable_or_why
+from ..engine.groups import candidate_groups
 from .config import ResRepConfig
 from .convert import ConversionReport, convert
 from .recipe import Plan, paper_min_iters, resolve
@@ -163,13 +163,9 @@ class ResRep:
         self.graph = trace(
             self.model, self.example_inputs, leaf_modules=tuple(leaf_modules), round_to=self.config.round_to
         )
-        reasons = {g.id: self._skip_reason(g) for g in self.graph.groups}
-        candidates = [g for g in self.graph.groups if reasons[g.id] is None]
-        reasons.update(
-            removable_or_why(self.model, self.example_inputs, self.graph, candidates, self._min_keep, "ResRep")
+        self.groups, self.skipped = candidate_groups(
+            self.model, self.example_inputs, self.graph, self._skip_reason, self._min_keep, "ResRep"
         )
-        self.groups: list[ChannelGroup] = [g for g in self.graph.groups if reasons[g.id] is None]
-        self.skipped: dict[int, str] = {gid: r for gid, r in reasons.items() if r is not None}
         if not self.groups:
             raise ValueError(
                 f"ResRep found no prunable channel group with mode={self.config.mode!r} "

@@ -9,19 +9,13 @@ import pytest
 
 from apps.csgd.cli import main
 from apps.resrep.cli import main as resrep_main
-
-DATA = ["--dataset", "digits", "--train-limit", "256", "--batch-size", "32"]
-TINY = [*DATA, "--arch", "digits_resnet", "--width", "4"]
-RUN = [*TINY, "--no-progress"]
+from tests.app_cli import RUN, TINY, refused
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 
 def _fail(capsys, argv, entry=main):
-    assert entry(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ")
-    return err
+    return refused(capsys, entry, argv)
 
 
 @pytest.fixture(scope="module")

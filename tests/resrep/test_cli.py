@@ -15,6 +15,7 @@ from apps.engine.loop import OptimConfig, TrainConfig
 from apps.engine.models import ModelConfig
 from apps.resrep import ResRepConfig
 from apps.resrep.cli import build_parser, main
+from tests.app_cli import DATA, RUN, TINY, refused
 
 GROUPS = {
     "train": (DataConfig, ModelConfig, TrainConfig, OptimConfig),
@@ -23,9 +24,6 @@ GROUPS = {
     "export": (DataConfig, ModelConfig),
 }
 
-DATA = ["--dataset", "digits", "--train-limit", "256", "--batch-size", "32"]
-TINY = [*DATA, "--arch", "digits_resnet", "--width", "4"]  # eval / export
-RUN = [*TINY, "--no-progress"]  # train / prune
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript export is asked for
 
@@ -68,10 +66,7 @@ def test_every_config_field_has_a_flag():
 
 
 def _fail(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ")
-    return err
+    return refused(capsys, main, argv)
 
 
 @pytest.fixture(scope="module")
