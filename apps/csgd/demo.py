@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..engine.demo import convert_verified, digits_base, one_thread, train_method
+from ..engine.demo import convert_verified, digits_base, one_thread, speaker, train_method
 from .config import CSGDConfig
 from .method import CSGD
 
@@ -35,10 +35,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return its summary (also printed, and written to ``out/summary.json`` if given)."""
 
-    def say(text: str) -> None:
-        if not quiet:
-            print(text, flush=True)
-
+    say = speaker(quiet)
     with one_thread():
         t0 = time.perf_counter()
         model, train_loader, test_loader, base = digits_base(say, base_epochs)

@@ -56,7 +56,15 @@ from .loop import (
     resolve_device,
     sgd,
 )
-from .models import ModelConfig, ModelError, build_model, deploy_shell, load_weights, unwrap_state_dict
+from .models import (
+    ModelConfig,
+    ModelError,
+    build_model,
+    deploy_shell,
+    load_state_dict_checked,
+    load_weights,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "App",
@@ -105,8 +113,6 @@ def restore(
 ):
     """The method of a prune run's checkpoint (already loaded): the model rebuilt, the method's state
     restored, ready for ``convert()``."""
-    from .models import load_state_dict_checked
-
     require_prune_checkpoint(checkpoint, source, app)
     model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
     method = app.make(model, example, app.config(**checkpoint["meta"][app.prog]), None, None)
@@ -203,6 +209,25 @@ def _start_run(data: DataConfig, train: TrainConfig, out: str, resume: bool):
     return rank, world, out_dir, device, loaders
 
 
+def _fit(model, loaders, train: TrainConfig, out_dir: Path, device: torch.device, resume: bool, **options: Any):
+    """`fit` as a command runs it: the `TrainConfig` settings, checkpoints and logs in `out_dir`."""
+    return fit(
+        model,
+        *loaders,
+        epochs=train.epochs,
+        checkpoint_dir=out_dir,
+        resume=resume,
+        amp=train.amp,
+        channels_last=train.channels_last,
+        log_dir=out_dir,
+        device=device,
+        eval_every=train.eval_every,
+        checkpoint_every=train.checkpoint_every,
+        progress=train.progress,
+        **options,
+    )
+
+
 def _export_deploy(method, verify: torch.Tensor, out_dir: Path, formats: Sequence[str], extra: dict[str, Any]):
     deploy, report = method.convert(verify)
     extra = {**extra, "plan": deploy.meta["reparam.plan"].to_json()}  # rebuilds it exactly (`deploy_shell`)
@@ -231,21 +256,14 @@ def run_train(
     report = flops(model, _example(test_loader))
     t0 = time.perf_counter()
     initial = evaluate(model.to(device), test_loader, device=device) if checkpoint else None
-    history = fit(
+    history = _fit(
         model,
-        train_loader,
-        test_loader,
-        epochs=train.epochs,
+        (train_loader, test_loader),
+        train,
+        out_dir,
+        device,
+        resume,
         optimizer=sgd(model, optim),
-        checkpoint_dir=out_dir,
-        resume=resume,
-        amp=train.amp,
-        channels_last=train.channels_last,
-        log_dir=out_dir,
-        device=device,
-        eval_every=train.eval_every,
-        checkpoint_every=train.checkpoint_every,
-        progress=train.progress,
         meta=_meta(data, model_cfg, train, info, command="train", optim=dataclasses.asdict(optim)),
     )
     final = evaluate(model, test_loader, device=device, amp=train.amp, channels_last=train.channels_last)
@@ -295,23 +313,16 @@ def run_prune(
     optimizer = method.optimizer()
     scheduler = method.lr_scheduler(optimizer) if hasattr(method, "lr_scheduler") else None
     t0 = time.perf_counter()
-    history = fit(
+    history = _fit(
         method.model,
-        train_loader,
-        test_loader,
-        epochs=train.epochs,
+        (train_loader, test_loader),
+        train,
+        out_dir,
+        device,
+        resume,
         optimizer=optimizer,
         scheduler=scheduler,
         hooks=method,
-        checkpoint_dir=out_dir,
-        resume=resume,
-        amp=train.amp,
-        channels_last=train.channels_last,
-        log_dir=out_dir,
-        device=device,
-        eval_every=train.eval_every,
-        checkpoint_every=train.checkpoint_every,
-        progress=train.progress,
         metrics=getattr(method, "epoch_metrics", None),
         meta=_meta(data, model_cfg, train, info, command="prune", **{app.prog: dataclasses.asdict(method_cfg)}),
     )

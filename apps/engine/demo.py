@@ -14,9 +14,19 @@ from .data import DataConfig, build_loaders
 from .loop import OptimConfig, evaluate, fit, sgd
 from .models import DigitsResNet
 
-__all__ = ["SEED", "convert_verified", "digits_base", "one_thread", "train_method"]
+__all__ = ["SEED", "convert_verified", "digits_base", "one_thread", "speaker", "train_method"]
 
 SEED = 0
+
+
+def speaker(quiet: bool) -> Callable[[str], None]:
+    """``say(text)``: print a demo's progress line, unless `quiet`."""
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, flush=True)
+
+    return say
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..engine.demo import convert_verified, digits_base, one_thread, train_method
+from ..engine.demo import convert_verified, digits_base, one_thread, speaker, train_method
 from .config import ResRepConfig
 from .method import ResRep
 
@@ -39,10 +39,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return its summary (also printed, and written to ``out/summary.json`` if given)."""
 
-    def say(text: str) -> None:
-        if not quiet:
-            print(text, flush=True)
-
+    say = speaker(quiet)
     with one_thread():
         return _run(out, say, base_epochs, prune_epochs, config)
 
