@@ -136,6 +136,28 @@ def test_training_under_the_engine_converges_and_merges_within_float32():
     assert cs.state_dict()["clusters"] == {k: v for k, v in cs.clusters.items()}
 
 
+@pytest.mark.parametrize("momentum", [0.5, 0.9])
+def test_the_budget_strength_collapses_the_clusters_on_its_timeline(momentum):
+    """With no task gradient, the budget rule's ε shrinks the within-cluster differences by
+    ``collapse_factor`` at ``collapse_fraction`` of the run under the optimizer C-SGD builds (momentum
+    included), not much earlier and not later."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)  # float64: float32 cannot resolve a 1e-9 collapse
+    total, cfg = 1000, CSGDConfig(flops_target=0.5, momentum=momentum, weight_decay=0.0, lr=0.02)
+    cs = CSGD(PublishedResNet(depth=20).double(), x, cfg, total_iters=total)
+    opt, start = cs.optimizer(), cs.spread()
+    log = {}
+    for i in range(total):
+        for p in cs.model.parameters():
+            p.grad = torch.zeros_like(p)
+        cs.after_backward()
+        opt.step()
+        log[i + 1] = cs.spread() / start
+    planned = int(cfg.collapse_fraction * total)
+    assert log[planned] <= 10 * cfg.collapse_factor, log[planned]
+    assert log[planned // 2] >= cfg.collapse_factor**0.5 / 100, log[planned // 2]
+
+
 def test_an_unconverged_merge_is_refused_with_the_spread():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
