@@ -55,6 +55,9 @@ class CSGDConfig:
     """Budget rule: by how much the within-cluster differences shrink over that fraction."""
     vector_strength_factor: float = 0.1
     """Factor of ε on the norm's γ/β and on biases (the paper's 0.1)."""
+    spread_every: int = 100
+    """Iterations between two records of the within-cluster spread (``spread_log`` in the summary; 0: only
+    the per-epoch column of ``log.csv``)."""
     num_at_least: int = 1
     """Clusters every group keeps at least."""
     merge_tolerance: float = 1e-5
@@ -85,6 +88,8 @@ class CSGDConfig:
                 f"collapse_fraction must lie in (0, 1] and collapse_factor in (0, 1), got "
                 f"{self.collapse_fraction!r}, {self.collapse_factor!r}"
             )
+        if not isinstance(self.spread_every, int) or self.spread_every < 0:
+            raise ValueError(f"spread_every must be an integer >= 0, got {self.spread_every!r}")
         if not isinstance(self.num_at_least, int) or self.num_at_least < 1:
             raise ValueError(f"num_at_least must be a positive integer, got {self.num_at_least!r}")
 

@@ -123,6 +123,7 @@ class CSGD:
     ) -> None:
         self.config = config if config is not None else CSGDConfig()
         self.total_iters = total_iters
+        self.plan_iters = total_iters  # the length the collapse was planned for (`extend` keeps it)
         self.model = copy.deepcopy(model)
         device = next(self.model.parameters()).device
         self.example_inputs: tuple[Tensor, ...] = tuple(x.to(device) for x in as_tuple(example_inputs))
@@ -146,6 +147,7 @@ class CSGD:
         )
         self.clusters: dict[int, list[list[int]]] = {g.id: self._cluster(g, self.widths[g.id]) for g in self.groups}
         self.strength = self.config.strength(total_iters)
+        self.spread_log: list[tuple[int, float]] = []  # (iterations done, spread), see `after_step`
         self._index()
 
     # ------------------------------------------------------------------ structure
@@ -268,12 +270,19 @@ class CSGD:
         total = self.total_iters
         if not total:
             return None
-        hold = int(self.config.collapse_fraction * total)
+        hold = int(self.config.collapse_fraction * (self.plan_iters or total))
 
         def factor(i: int) -> float:
             return 1.0 if i < hold else 0.5 * (1.0 + math.cos(math.pi * min(1.0, (i - hold) / max(1, total - hold))))
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def extend(self, total_iters: int) -> None:
+        """Lengthen the run to ``total_iters`` (a resumed run given more epochs): the collapse keeps its
+        strength and its phase, the cosine after it spans the longer run."""
+        if self.total_iters is not None and total_iters < self.total_iters:
+            raise ValueError(f"a run can be extended, not shortened ({self.total_iters} → {total_iters} iterations)")
+        self.total_iters = total_iters
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -305,17 +314,23 @@ class CSGD:
                 p.grad.index_copy_(0, rows, new.reshape((-1,) + tuple(p.shape[1:])))
 
     def after_step(self, iteration: int) -> None:
+        """Record the within-cluster spread after every ``spread_every``-th step (and the first)."""
         self.iteration = iteration
+        every = self.config.spread_every
+        if every and (iteration == 0 or (iteration + 1) % every == 0):
+            self.spread_log.append((iteration + 1, self.spread()))
 
     def epoch_metrics(self) -> dict[str, float]:
         """Columns of the training log: the largest within-cluster spread and the centripetal strength."""
         return {"spread": self.spread(), "centripetal_strength": self.strength}
 
     def summary(self) -> dict[str, Any]:
-        """What a prune run's ``summary.json`` adds about C-SGD: clusters per group and the strength used."""
+        """What a prune run's ``summary.json`` adds about C-SGD: clusters per group, the strength used and
+        the spread log (``[iterations done, spread]`` every ``spread_every`` steps)."""
         return {
             "group_widths": {str(g.id): {"size": g.size, "kept": len(self.clusters[g.id])} for g in self.groups},
             "centripetal_strength": self.strength,
+            "spread_log": [[i, v] for i, v in self.spread_log],
         }
 
     @torch.no_grad()
@@ -335,13 +350,17 @@ class CSGD:
         return worst
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clusters": {int(k): [list(map(int, c)) for c in v] for k, v in self.clusters.items()}}
+        return {
+            "clusters": {int(k): [list(map(int, c)) for c in v] for k, v in self.clusters.items()},
+            "spread_log": [[int(i), float(v)] for i, v in self.spread_log],
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         clusters = {int(k): [list(c) for c in v] for k, v in state["clusters"].items()}
         if set(clusters) != {g.id for g in self.groups}:
             raise ValueError("the saved clusters belong to other channel groups (another model or mode)")
         self.clusters = clusters
+        self.spread_log = [(int(i), float(v)) for i, v in state.get("spread_log", [])]
         self._index()
 
     # ------------------------------------------------------------------ conversion

@@ -4,7 +4,9 @@ An app (`App`) names its method: the config dataclass whose fields become the ``
 build the method on a base model and how to restore it from a prune run's checkpoint. The method object
 (`apps.engine.loop.Method`) brings ``optimizer()`` and ``convert(verify_inputs)``, and optionally
 ``lr_scheduler(optimizer)`` (else a cosine over the run), ``epoch_metrics()`` (columns of ``log.csv``),
-``summary()`` (fields of ``summary.json``) and ``check_target()`` (raises when the run missed its target).
+``summary()`` (fields of ``summary.json``), ``check_target()`` (raises when the run missed its target) and
+``extend(total_iters)`` (a resumed run given more ``--epochs``: keep the plan made for the first length,
+lengthen the last phase; without it a run cannot be extended).
 
 - ``train --out DIR``: train a base model (optionally from ``--checkpoint``); ``DIR/last.pt`` is the
   resumable checkpoint and also the base weights that ``prune --checkpoint`` reads.
@@ -46,6 +48,7 @@ from .cli import add_dataclass_args, config_from_args
 from .data import DataConfig, DataError, DataInfo, build_loaders
 from .export import FORMATS, ExportError, check_formats, export_model
 from .loop import (
+    CHECKPOINT_NAME,
     NonFiniteLossError,
     OptimConfig,
     TrainConfig,
@@ -188,15 +191,26 @@ def _summary_write(out: Path, summary: dict[str, Any]) -> None:
 
 
 def _meta(data: DataConfig, model: ModelConfig, train: TrainConfig, info: DataInfo, **more: Any) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it (and what `export` needs to rebuild it)."""
+    """What a checkpoint must share with the run that resumes it (and what `export` needs to rebuild it);
+    not the epochs: `fit` lets a resumed run grow to more of them (extending it)."""
     return {
         "model": dataclasses.asdict(model),
         "info": dataclasses.asdict(info),
-        "epochs": train.epochs,
         "data": {k: getattr(data, k) for k in ("dataset", "batch_size", "train_limit", "augment")},
         "seed": train.seed,
         **more,
     }
+
+
+def _planned_epochs(out_dir: Path, resume: bool, epochs: int) -> int:
+    """The epochs a prune run's method planned its structure for: ``epochs`` for a new run, the first
+    run's for a resumed one. A run resumed with more epochs keeps that plan (mask rounds, collapse) and
+    lengthens its last phase, the fine-tuning, through the method's ``extend(total_iters)``."""
+    if not resume:
+        return epochs
+    saved = load_file(out_dir / CHECKPOINT_NAME)
+    meta = saved.get("meta", {}) if isinstance(saved, Mapping) else {}
+    return int(meta.get("plan_epochs", epochs))
 
 
 def _start_run(data: DataConfig, train: TrainConfig, out: str, resume: bool):
@@ -309,7 +323,12 @@ def run_prune(
     load_weights(base, checkpoint)
     base_eval = evaluate(base.to(device), test_loader, device=device, amp=train.amp)
     iters = len(train_loader)
-    method = app.make(base.to(device), _example(test_loader).to(device), method_cfg, iters, train.epochs * iters)
+    plan_epochs = _planned_epochs(out_dir, resume, train.epochs)
+    method = app.make(base.to(device), _example(test_loader).to(device), method_cfg, iters, plan_epochs * iters)
+    if train.epochs > plan_epochs:
+        if not hasattr(method, "extend"):
+            raise CheckpointError(f"{app.title} cannot extend a run: resume {out_dir} with --epochs {plan_epochs}")
+        method.extend(train.epochs * iters)
     optimizer = method.optimizer()
     scheduler = method.lr_scheduler(optimizer) if hasattr(method, "lr_scheduler") else None
     t0 = time.perf_counter()
@@ -324,7 +343,15 @@ def run_prune(
         scheduler=scheduler,
         hooks=method,
         metrics=getattr(method, "epoch_metrics", None),
-        meta=_meta(data, model_cfg, train, info, command="prune", **{app.prog: dataclasses.asdict(method_cfg)}),
+        meta=_meta(
+            data,
+            model_cfg,
+            train,
+            info,
+            command="prune",
+            plan_epochs=plan_epochs,
+            **{app.prog: dataclasses.asdict(method_cfg)},
+        ),
     )
     wall = time.perf_counter() - t0
     missed = None

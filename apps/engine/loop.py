@@ -52,6 +52,7 @@ __all__ = [
     "is_main_process",
     "autocast",
     "sgd",
+    "cosine_schedule",
     "CHECKPOINT_NAME",
 ]
 
@@ -246,6 +247,27 @@ def _tensorboard(log_dir: Path | None, purge_step: int):
     return SummaryWriter(str(log_dir / "tb"), purge_step=purge_step)
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration cosine from the optimizer's learning rates to 0 over ``total_steps`` (closed form, so
+    a resumed run extended to more steps follows the longer cosine from where it stands)."""
+    span = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, span) / span)))
+
+
+def _follow_longer_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, source: Path) -> None:
+    """A run extended on resume: the learning rates of the step it resumes at, on the new (longer)
+    schedule; the checkpoint's restored the old schedule's."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise CheckpointError(
+            f"cannot extend the run of {source}: its {type(scheduler).__name__} keeps its own length; "
+            "use a LambdaLR schedule (the default) or resume with the same --epochs"
+        )
+    step = scheduler.last_epoch
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -290,7 +312,7 @@ def fit(
     iters_per_epoch = len(train_loader)
     total_steps = epochs * iters_per_epoch if max_steps is None else min(max_steps, epochs * iters_per_epoch)
     if scheduler is None:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+        scheduler = cosine_schedule(optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     log_dir = Path(log_dir) if log_dir is not None else None
@@ -308,9 +330,17 @@ def fit(
                 f"{ckpt_path} was written by a run with other settings ({'; '.join(differ)}); "
                 "resume with the same settings or use a fresh --out"
             )
+        saved_steps = int(ck.get("total_steps", total_steps))
+        if total_steps < saved_steps:
+            raise CheckpointError(
+                f"{ckpt_path} is a run of {saved_steps} iterations; a resumed run can be extended "
+                f"(more --epochs), not shortened to {total_steps}"
+            )
         load_state_dict_checked(model, ck["model"], f"checkpoint {ckpt_path}")
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
+        if total_steps > saved_steps:
+            _follow_longer_schedule(scheduler, ckpt_path)
         scaler.load_state_dict(ck["scaler"])
         if hooks is not None:
             hooks.load_state_dict(ck["hooks"])
@@ -333,6 +363,7 @@ def fit(
                 "hooks": hooks.state_dict() if hooks is not None else None,
                 "rng": rng_state(),
                 "epoch": epoch_,
+                "total_steps": total_steps,
                 "step_in_epoch": batch_,
                 "step": step,
                 "history": history,

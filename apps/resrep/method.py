@@ -47,7 +47,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -279,6 +279,15 @@ class ResRep:
         channel clears its momentum entries (budget recipe)."""
         self._optimizer = torch.optim.SGD(self.param_groups(), lr=self.config.lr)
         return self._optimizer
+
+    def extend(self, total_iters: int) -> None:
+        """Lengthen the run to ``total_iters`` (a resumed run given more epochs): the plan keeps what it
+        decided for the original length (recipe, mask rounds, freeze) and only its last phase, the
+        cosine after the freeze (paper: the cosine over the run), spans the longer run."""
+        if self.total_iters is not None and total_iters < self.total_iters:
+            raise ValueError(f"a run can be extended, not shortened ({self.total_iters} → {total_iters} iterations)")
+        self._plan = replace(self.plan, total_iters=total_iters)
+        self.total_iters = total_iters
 
     def lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """The recipe's per-iteration learning-rate shape (`Plan.lr_factor`) as a scheduler stepped

@@ -57,6 +57,11 @@ def test_train_prune_eval_export(base_run, tmp_path, capsys):
         capsys, ["export", *TINY, "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "x")], resrep_main
     )
     assert "written by `csgd prune`, not by `resrep prune`" in err
+    # extended by 2 epochs on resume: the same clusters and strength, 64 more iterations of fine-tuning
+    assert main([*argv, "--epochs", "22", "--out", str(out), "--formats", "state_dict", "--resume"]) == 0
+    longer = json.loads((out / "summary.json").read_text())
+    assert longer["epochs"] == 22 and longer["centripetal_strength"] == s["centripetal_strength"]
+    assert longer["group_widths"] == s["group_widths"] and longer["max_rel_error_vs_trained"] <= 1e-5
 
 
 def test_an_unconverged_merge_is_refused_with_its_spread(base_run, tmp_path, capsys):

@@ -125,7 +125,8 @@ def test_training_under_the_engine_converges_and_merges_within_float32():
     y = torch.randint(0, 10, (64,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
     epochs = 60
-    cs = CSGD(PublishedResNet(depth=20), x[:4], CSGDConfig(flops_target=0.5), total_iters=epochs * len(loader))
+    cfg = CSGDConfig(flops_target=0.5, spread_every=40)
+    cs = CSGD(PublishedResNet(depth=20), x[:4], cfg, total_iters=epochs * len(loader))
     fit(cs.model, loader, None, epochs=epochs, optimizer=cs.optimizer(), hooks=cs, progress=False, device="cpu")
     merged, report = cs.convert(x[:8])
     assert (
@@ -134,6 +135,9 @@ def test_training_under_the_engine_converges_and_merges_within_float32():
         and report.macs_after <= 0.5 * report.macs_before
     )
     assert cs.state_dict()["clusters"] == {k: v for k, v in cs.clusters.items()}
+    steps, spreads = zip(*cs.summary()["spread_log"])  # the per-step diagnostic: every 40 steps, shrinking
+    assert steps == (1, 40, 80, 120, 160, 200, 240) and spreads[0] > 1e-2 > 1e-5 >= spreads[-1]
+    assert list(spreads) == sorted(spreads, reverse=True)
 
 
 @pytest.mark.parametrize("momentum", [0.5, 0.9])

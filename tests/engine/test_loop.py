@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 
 import pytest
 import torch
@@ -110,16 +111,18 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path
         assert torch.equal(v, hooks.weights[k]), k
 
 
-def _run(tmp_path, fail_at=None, resume=False, checkpoint_every=0):
+def _run(tmp_path, fail_at=None, resume=False, checkpoint_every=0, epochs=3):
     train, test = _loaders(seed=5)
     model = _model()
     opt = sgd(model, OptimConfig(lr=0.05))
     hooks = Recorder(model, fail_at)
+    hooks.after_backward = lambda: hooks.lrs.append(opt.param_groups[0]["lr"])  # the lr of each step
+    hooks.lrs = []
     fit(
         model,
         train,
         test,
-        epochs=3,
+        epochs=epochs,
         optimizer=opt,
         hooks=hooks,
         checkpoint_dir=tmp_path,
@@ -146,6 +149,19 @@ def test_resume_after_interruption_is_exact(tmp_path, checkpoint_every):
     a = load_file(tmp_path / "ref" / "last.pt")["history"]
     b = load_file(tmp_path / "cut" / "last.pt")["history"]
     assert [r["val_acc"] for r in a] == [r["val_acc"] for r in b]
+
+
+def test_a_finished_run_resumed_with_more_epochs_follows_the_longer_cosine(tmp_path):
+    _, short = _run(tmp_path, epochs=2)
+    iters = len(short.iterations) // 2
+    _, longer = _run(tmp_path, resume=True, epochs=3)
+    saved = load_file(tmp_path / "last.pt")
+    assert saved["step"] == 3 * iters and [r["epoch"] for r in saved["history"]] == [1, 2, 3]
+    assert longer.iterations == list(range(3 * iters))
+    cosine = [0.05 * 0.5 * (1 + math.cos(math.pi * i / (3 * iters))) for i in range(2 * iters, 3 * iters)]
+    assert longer.lrs == pytest.approx(cosine, rel=1e-9, abs=1e-12)  # from its first step on
+    with pytest.raises(CheckpointError, match="can be extended .*not shortened to 16"):
+        _run(tmp_path, resume=True, epochs=2)
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):

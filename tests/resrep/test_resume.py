@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,3 +105,29 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, one_thread):
         load_file(cut / "deploy.pt")["state_dict"].keys()
         == load_file(tmp_path / "whole" / "deploy.pt")["state_dict"].keys()
     )
+
+
+def test_a_finished_run_extended_keeps_its_plan_and_fine_tunes_longer(tmp_path):
+    """``--resume`` with more ``--epochs``: the masks decided for the first length stay, the cosine after
+    the freeze spans the longer run; fewer epochs are refused."""
+    assert main(["train", *DATA, "--epochs", "1", "--out", str(tmp_path / "base")]) == 0
+    flags = ["prune", *PRUNE, "--checkpoint", str(tmp_path / "base" / "last.pt"), "--out", str(tmp_path / "run")]
+    two = [*flags, "--epochs", "2"]  # argparse: the last --epochs wins
+    assert main(two) == 0
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    before = load_file(tmp_path / "run" / "last.pt")
+    masks = before["hooks"]["masks"]
+    assert main([*flags, "--epochs", "3", "--resume"]) == 0
+    extended = json.loads((tmp_path / "run" / "summary.json").read_text())
+    saved = load_file(tmp_path / "run" / "last.pt")
+    assert saved["step"] == 24 and [r["epoch"] for r in saved["history"]] == [1, 2, 3]
+    assert extended["epochs"] == 3 and extended["plan"]["total_iters"] == 24
+    assert {k: v for k, v in extended["plan"].items() if k != "total_iters"} == {
+        k: v for k, v in first["plan"].items() if k != "total_iters"
+    }
+    assert all(torch.equal(saved["hooks"]["masks"][g], m) for g, m in masks.items())
+    # the 2-epoch schedule ends at lr 0: the weights move again only on the longer cosine
+    moved = [k for k, v in before["model"].items() if v.is_floating_point() and not torch.equal(saved["model"][k], v)]
+    assert any(k.endswith("weight") and "bn" not in k for k in moved)
+    assert saved["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12) and extended["largest_removed_norm"] == 0.0
+    assert main([*flags, "--epochs", "2", "--resume"]) == 2
