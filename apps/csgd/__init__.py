@@ -2,7 +2,7 @@
 channel exactly; residual-coupled groups share one clustering. `CSGD` is the method object the shared
 training engine (`apps.engine.fit`) calls back."""
 
-from .clusters import even_clusters, kmeans_clusters, widths_for_target
+from .clusters import even_clusters, kmeans_clusters
 from .config import CSGDConfig
 from .method import CSGD, ClusterMergeReport, UnconvergedError
 
@@ -13,5 +13,4 @@ __all__ = [
     "UnconvergedError",
     "even_clusters",
     "kmeans_clusters",
-    "widths_for_target",
 ]

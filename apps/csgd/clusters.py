@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["even_clusters", "kmeans_clusters", "widths_for_target"]
+__all__ = ["even_clusters", "kmeans_clusters"]
 
 
 def even_clusters(channels: int, clusters: int) -> list[list[int]]:
@@ -44,37 +43,6 @@ def kmeans_clusters(features: np.ndarray, clusters: int, seed: int = 0) -> list[
         members = found.pop(largest)
         found += [members[: len(members) // 2], members[len(members) // 2 :]]
     return sorted(found, key=lambda c: c[0])
-
-
-def widths_for_target(
-    sizes: Mapping[int, int],
-    minimum: Mapping[int, int],
-    multiple: Mapping[int, int],
-    macs: Callable[[dict[int, int]], float],
-    target: float,
-) -> dict[int, int]:
-    """Per group, ``ceil(r · size)`` rounded up to its `multiple` (at least its `minimum`), for the largest
-    fraction r whose `macs` stay at or below `target` (bisection over r). ValueError if even the
-    minimum widths exceed it."""
-
-    def at(r: float) -> dict[int, int]:
-        out = {}
-        for gid, n in sizes.items():
-            m = multiple.get(gid, 1)
-            w = max(minimum.get(gid, 1), int(np.ceil(r * n / m)) * m)
-            out[gid] = min(n, w)
-        return out
-
-    if macs(at(0.0)) > target:
-        raise ValueError(
-            f"the MACs target {target:.0f} is out of reach: with every group at its minimum width the model has "
-            f"{macs(at(0.0)):.0f} MACs"
-        )
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (mid, high) if macs(at(mid)) <= target else (low, mid)
-    return at(low)
 
 
 def _check(channels: int, clusters: int) -> None:

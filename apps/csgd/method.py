@@ -28,8 +28,8 @@ from reparam.graph import ChannelGroup, Member, prune, trace
 from reparam.graph.tracing import as_tuple
 from reparam.verify import relative_error
 
-from ..engine.groups import candidate_groups
-from .clusters import even_clusters, kmeans_clusters, widths_for_target
+from ..engine.groups import candidate_groups, widths_for_target
+from .clusters import even_clusters, kmeans_clusters
 from .config import CSGDConfig
 
 __all__ = ["CSGD", "ClusterMergeReport", "UnconvergedError"]

@@ -6,7 +6,8 @@ build the method on a base model and how to restore it from a prune run's checkp
 ``lr_scheduler(optimizer)`` (else a cosine over the run), ``epoch_metrics()`` (columns of ``log.csv``),
 ``summary()`` (fields of ``summary.json``), ``check_target()`` (raises when the run missed its target) and
 ``extend(total_iters)`` (a resumed run given more ``--epochs``: keep the plan made for the first length,
-lengthen the last phase; without it a run cannot be extended).
+lengthen the last phase; without it a run cannot be extended) and ``loss(output, labels)`` (else cross
+entropy; a model that returns a tuple in training gets its whole output here).
 
 - ``train --out DIR``: train a base model (optionally from ``--checkpoint``); ``DIR/last.pt`` is the
   resumable checkpoint and also the base weights that ``prune --checkpoint`` reads.
@@ -99,6 +100,9 @@ class App:
     """``demo(out, quiet)``: the offline demonstration."""
     errors: tuple[type[BaseException], ...] = ()
     """The app's own errors that exit with status 2."""
+    views: Callable[[Any], int] = lambda config: 1
+    """``views(config)``: independently augmented views of every training image the method trains on
+    (its model then gets batches of shape (B, views, C, H, W)); 1 for most methods, 2 for CR-SFP."""
 
 
 def require_prune_checkpoint(obj: Any, source: str, app: App) -> None:
@@ -213,13 +217,15 @@ def _planned_epochs(out_dir: Path, resume: bool, epochs: int) -> int:
     return int(meta.get("plan_epochs", epochs))
 
 
-def _start_run(data: DataConfig, train: TrainConfig, out: str, resume: bool):
+def _start_run(data: DataConfig, train: TrainConfig, out: str, resume: bool, views: int = 1):
     """Common start of `train` and `prune`: process group, output folder, device, seeds, loaders."""
     rank, world, _ = init_distributed()
     out_dir = check_run_folder(out, resume)
     device = resolve_device(train.device)
     _seed(train.seed)
-    loaders = build_loaders(data, seed=train.seed, rank=rank, world_size=world, pin_memory=device.type == "cuda")
+    loaders = build_loaders(
+        data, seed=train.seed, rank=rank, world_size=world, pin_memory=device.type == "cuda", views=views
+    )
     return rank, world, out_dir, device, loaders
 
 
@@ -318,7 +324,9 @@ def run_prune(
     A run whose ``check_target()`` fails still converts and writes everything (``summary.json`` says
     ``target_met: false``), then raises that error (exit status 2)."""
     check_formats(formats)
-    rank, world, out_dir, device, (train_loader, test_loader, info) = _start_run(data, train, out, resume)
+    rank, world, out_dir, device, (train_loader, test_loader, info) = _start_run(
+        data, train, out, resume, app.views(method_cfg)
+    )
     base = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
     load_weights(base, checkpoint)
     base_eval = evaluate(base.to(device), test_loader, device=device, amp=train.amp)
@@ -343,6 +351,7 @@ def run_prune(
         scheduler=scheduler,
         hooks=method,
         metrics=getattr(method, "epoch_metrics", None),
+        loss_fn=getattr(method, "loss", None),
         meta=_meta(
             data,
             model_cfg,

@@ -34,6 +34,7 @@ __all__ = [
     "DataError",
     "ArrayDataset",
     "EpochSampler",
+    "Views",
     "load_digits_arrays",
     "load_npz_arrays",
     "load_jpeg_npz_arrays",
@@ -125,6 +126,24 @@ class ArrayDataset(Dataset):
             if self.flip and bool(torch.rand(()) < 0.5):
                 x = x.flip(-1)
         return (x - self.mean) / self.std, self.labels[i]
+
+
+class Views(Dataset):
+    """Each example of `dataset` as ``views`` independent draws of its augmentation, stacked: ``x`` of
+    shape (views, C, H, W) per example, (B, views, C, H, W) per batch (what a two-view method such as
+    CR-SFP trains on)."""
+
+    def __init__(self, dataset: Dataset, views: int) -> None:
+        if views < 2:
+            raise ValueError(f"Views needs at least 2 views, got {views}")
+        self.dataset, self.views = dataset, views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        draws = [self.dataset[i] for _ in range(self.views)]
+        return torch.stack([x for x, _ in draws]), draws[0][1]
 
 
 class EpochSampler(Sampler[int]):
@@ -334,11 +353,20 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
 
 
 def build_loaders(
-    cfg: DataConfig, *, seed: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+    cfg: DataConfig,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    views: int = 1,
 ) -> tuple[DataLoader, DataLoader, DataInfo]:
-    """Train loader (an `EpochSampler` shuffled by `seed` and the epoch, this rank's shard) and test
-    loader (whole set, in order, on every rank)."""
+    """Train loader (an `EpochSampler` shuffled by `seed` and the epoch, this rank's shard; with
+    ``views`` > 1 every image as that many independently augmented `Views`) and test loader (whole set,
+    in order, on every rank, one view)."""
     train, test, info = build_datasets(cfg)
+    if views > 1:
+        train = Views(train, views)
     sampler = EpochSampler(len(train), batch_size=cfg.batch_size, seed=seed, rank=rank, world_size=world_size)
     kw = dict(num_workers=cfg.workers, pin_memory=pin_memory, persistent_workers=False)
     train_loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **kw)

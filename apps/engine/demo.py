@@ -75,6 +75,7 @@ def train_method(method: Any, train_loader, test_loader, epochs: int) -> None:
         hooks=method,
         device="cpu",
         progress=False,
+        loss_fn=getattr(method, "loss", None),
     )
     if hasattr(method, "check_target"):
         method.check_target()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 from torch import Tensor, nn
 
 from reparam.graph import ChannelGraph, ChannelGroup, PruneError, prune
 
-__all__ = ["candidate_groups", "removable_or_why"]
+__all__ = ["candidate_groups", "removable_or_why", "widths_for_target"]
 
 
 def removable_or_why(
@@ -85,3 +86,34 @@ def candidate_groups(
         removable_or_why(model, inputs, graph, [g for g in graph.groups if reasons[g.id] is None], min_keep, method)
     )
     return [g for g in graph.groups if reasons[g.id] is None], {gid: r for gid, r in reasons.items() if r is not None}
+
+
+def widths_for_target(
+    sizes: Mapping[int, int],
+    minimum: Mapping[int, int],
+    multiple: Mapping[int, int],
+    macs: Callable[[dict[int, int]], float],
+    target: float,
+) -> dict[int, int]:
+    """Per group, ``ceil(r · size)`` rounded up to its `multiple` (at least its `minimum`), for the largest
+    fraction r whose `macs` stay at or below `target` (bisection over r). ValueError if even the
+    minimum widths exceed it."""
+
+    def at(r: float) -> dict[int, int]:
+        out = {}
+        for gid, n in sizes.items():
+            m = multiple.get(gid, 1)
+            w = max(minimum.get(gid, 1), int(np.ceil(r * n / m)) * m)
+            out[gid] = min(n, w)
+        return out
+
+    if macs(at(0.0)) > target:
+        raise ValueError(
+            f"the MACs target {target:.0f} is out of reach: with every group at its minimum width the model has "
+            f"{macs(at(0.0)):.0f} MACs"
+        )
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if macs(at(mid)) <= target else (low, mid)
+    return at(low)

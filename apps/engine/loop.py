@@ -297,6 +297,11 @@ def fit(
     epoch's row is logged, validated and checkpointed as an epoch end); the default cosine then spans
     ``max_steps``.
 
+    A model may return a tuple in training (several heads or views): ``loss_fn`` gets all of it, the
+    training accuracy counts its first entry. A run resumed with more ``epochs`` than it was started
+    with is extended: training goes on, the default cosine (any LambdaLR) spans the longer run from the
+    step it resumes at; fewer epochs are refused.
+
     Per iteration: forward under `autocast`, loss, finite check (all ranks agree), backward (DDP
     all-reduces), unscale (fp16), ``hooks.after_backward()``, optimizer step, scheduler step
     (default: cosine from the optimizer's lr to 0 over all iterations), ``hooks.after_step(i)`` with
@@ -399,7 +404,8 @@ def fit(
                 x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
                 with autocast(device, amp):
                     out = net(x)
-                    loss = loss_fn(out.float(), y)
+                    out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+                    loss = loss_fn(out, y)
                 finite = torch.isfinite(loss.detach()).to(torch.int32)
                 if _distributed():
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -423,7 +429,8 @@ def fit(
                     hooks.after_step(step)
                 step += 1
                 sums["loss"] += float(loss.detach()) * len(y)
-                sums["correct"] += int((out.detach().argmax(1) == y).sum())
+                logits = out[0] if isinstance(out, tuple) else out  # a tuple's first entry: the deployed logits
+                sums["correct"] += int((logits.detach().argmax(1) == y).sum())
                 sums["n"] += len(y)
                 if main and progress and b % 10 == 0:
                     bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")

@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from apps.csgd import CSGD, CSGDConfig, UnconvergedError, even_clusters, kmeans_clusters, widths_for_target
+from apps.csgd import CSGD, CSGDConfig, UnconvergedError, even_clusters, kmeans_clusters
+from apps.engine.groups import widths_for_target
 from apps.engine.loop import fit
 from apps.engine.models import CifarResNet as PublishedResNet
 from tests.graph.nets import TRICKY

@@ -1,0 +1,7 @@
+"""``python -m apps.sfp``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

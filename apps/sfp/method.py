@@ -1,0 +1,409 @@
+"""`SFP`: Soft Filter Pruning and CR-SFP on a copy of a model, as a method object over the shared engine.
+
+Per pruned channel group of `reparam.graph` the channels are ranked by the criterion and the lowest are
+zeroed (their producers' filter rows set to 0) before training and after every epoch; in between they
+train and may regrow. With ``method="cr-sfp"`` the model is a `CRSFPNet`: in training it takes two views
+per image and returns the logits of the P-NN (filters times the mask, so the mask also gates their
+gradient; the network's own head) and of the R-NN (raw filters, a second head); `SFP.loss` is the
+spec's CE + CE + α·½(KL + KL). In eval mode it is the P-NN. `convert` exports the P-NN narrow
+(`apps.sfp.export`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatch
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from reparam.graph import ChannelGroup, trace
+from reparam.graph.tracing import as_tuple
+
+from ..engine.groups import candidate_groups, widths_for_target
+from .config import SFPConfig
+from .criteria import fpgm_scores, l2_scores, taylor_scores
+from .export import ExportReport, InexactExportError, export_narrow, group_key, sees_borders
+
+__all__ = ["CRSFPNet", "SFP"]
+
+
+def _key(name: str) -> str:
+    return "mask__" + name.replace(".", "__")
+
+
+class CRSFPNet(nn.Module):
+    """CR-SFP's two networks on one backbone: ``net`` (whose head is the P-NN's) and ``head_r`` (the
+    R-NN's head, a copy of ``net.<head>``); a row mask per masked weight (buffers), shared norms.
+
+    Training with a (B, 2, ...) batch returns ``(z_P, z_R)``: the P-NN on view 1 (weights times their
+    masks), the R-NN on view 2 (raw weights, ``head_r``). Anything else returns the P-NN's logits."""
+
+    def __init__(self, net: nn.Module, head: str, masked: Sequence[str]) -> None:
+        super().__init__()
+        self.net, self.head = net, head
+        self.head_r = copy.deepcopy(net.get_submodule(head))
+        self.masked = tuple(masked)
+        params = dict(net.named_parameters())
+        for name in self.masked:
+            w = params[name]
+            self.register_buffer(_key(name), torch.ones((w.shape[0],) + (1,) * (w.ndim - 1), dtype=w.dtype))
+
+    def row_mask(self, name: str) -> Tensor:
+        return getattr(self, _key(name))
+
+    def masked_weights(self) -> dict[str, Tensor]:
+        params = dict(self.net.named_parameters())
+        return {n: params[n] * self.row_mask(n) for n in self.masked}
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        if self.training and x.ndim >= 5 and x.shape[1] == 2:
+            z_p = functional_call(self.net, self.masked_weights(), (x[:, 0],))
+            head_r = {f"{self.head}.{k}": v for k, v in self.head_r.named_parameters()}
+            z_r = functional_call(self.net, head_r, (x[:, 1],))
+            return z_p, z_r
+        return functional_call(self.net, self.masked_weights(), (x,))
+
+
+def _outputs(model: nn.Module, inputs: tuple) -> tuple[list[tuple[str, tuple, Any]], Any]:
+    """``([(name, args, output) of every submodule call], model output)`` of one forward of `inputs`."""
+    calls: list[tuple[str, tuple, Any]] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, args, out, n=n: calls.append((n, args, out)))
+        for n, m in model.named_modules()
+        if n
+    ]
+    try:
+        with torch.no_grad():
+            output = model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls, output
+
+
+class SFP:
+    """SFP or CR-SFP (``config.method``) on a copy of ``model``.
+
+    ``example_inputs`` trace the channel groups and check the export; ``iters_per_epoch`` sets when the
+    filters are re-zeroed (after every epoch); ``total_iters`` (a run about to train) also zeroes them
+    once now when ``zero_before_training``. Raises ValueError when no group can be pruned, the target is
+    out of reach, or the criterion needs a gradient that does not exist yet."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Tensor | Sequence[Tensor],
+        config: SFPConfig | None = None,
+        *,
+        iters_per_epoch: int | None = None,
+        total_iters: int | None = None,
+        leaf_modules: Sequence[str | type[nn.Module]] = (),
+    ) -> None:
+        self.config = cfg = config if config is not None else SFPConfig()
+        self.iters_per_epoch, self.total_iters = iters_per_epoch, total_iters
+        self.net = copy.deepcopy(model)
+        device = next(self.net.parameters()).device
+        self.example_inputs: tuple[Tensor, ...] = tuple(x.to(device) for x in as_tuple(example_inputs))
+        self._leaf_modules = tuple(leaf_modules)
+        self.graph = trace(self.net, self.example_inputs, leaf_modules=self._leaf_modules)
+        calls, output = _outputs(self.net, self.example_inputs)
+        given = {id(x) for x in self.example_inputs}
+        self.stem = {n for n, args, _ in calls if any(id(t) in given for t in args)}  # layers reading the input
+        self.groups, self.skipped = candidate_groups(
+            self.net, self.example_inputs, self.graph, self._reason, self._min_keep, "SFP"
+        )
+        if not self.groups:
+            raise ValueError(
+                f"SFP found no channel group it can prune and export with mode={cfg.mode!r} "
+                f"(why, per group id: {dict(list(self.skipped.items())[:8])})"
+            )
+        self.base_macs = int(self.graph.macs())
+        self.widths = self._widths()
+        params = dict(self.net.named_parameters())
+        self._rows: dict[int, list[tuple[str, Tensor, Tensor]]] = {
+            g.id: [
+                (
+                    p.member.name,
+                    torch.as_tensor(p.member.positions, dtype=torch.long, device=device),
+                    torch.as_tensor(p.member.channels, dtype=torch.long, device=device),
+                )
+                for p in g.producers
+                if p.member.name in params
+            ]
+            for g in self.groups
+        }
+        self.masks = {g.id: torch.ones(g.size, dtype=torch.bool, device=device) for g in self.groups}
+        self._grads: dict[str, Tensor] = {}
+        self.iteration = -1
+        self.model: nn.Module = self.net
+        if cfg.method == "cr-sfp":
+            masked = sorted({n for rows in self._rows.values() for n, _, _ in rows})
+            self.model = CRSFPNet(self.net, self._head(self.net, calls, output), masked)
+        if total_iters is not None and cfg.zero_before_training:
+            self.zero()
+
+    # ------------------------------------------------------------------ structure
+    def _reason(self, group: ChannelGroup) -> str | None:
+        """Why ``group`` is not pruned (None: it is a candidate)."""
+        cfg = self.config
+        if not group.prunable:
+            return f"not prunable: {group.reason}"
+        if not group.producers:
+            return "no producer layer"
+        if cfg.mode == "paper" and len(group.producers) > 1:
+            return "mode='paper' keeps residual-coupled groups at full width"
+        names = [p.module for p in group.producers]
+        for n in names:
+            hit = next((pat for pat in cfg.skip_patterns if fnmatch(n, pat)), None)
+            if hit:
+                return f"produced by {n}, which skip={cfg.skip!r} excludes ({hit})"
+            if not cfg.prune_stem and n in self.stem:
+                return f"produced by the stem {n} (prune_stem=False)"
+        for m in group.members:
+            if m.kind == "node":
+                continue
+            owner = m.name.rpartition(".")[0]
+            module = self.net.get_submodule(owner)
+            if isinstance(module, _ConvNd):
+                if module.transposed:
+                    return f"{owner} is a transposed convolution, which SFP does not export"
+                if m.dim == 1 and module.groups != 1:
+                    return f"it feeds the grouped convolution {owner} (groups={module.groups}): its constant cannot be folded"
+            elif not isinstance(module, (nn.Linear, _BatchNorm)):
+                return (
+                    f"{m.name} belongs to a {type(module).__name__}, whose channels SFP cannot zero and remove exactly"
+                )
+        if not group.consumers:
+            return "no layer reads its channels"
+        return None
+
+    def _sees_borders(self, group: ChannelGroup) -> bool:
+        return any(sees_borders(self.net.get_submodule(m.name.rpartition(".")[0])) for m in group.consumers)
+
+    def _min_keep(self, group: ChannelGroup) -> int:
+        return min(group.size, max(self.config.num_at_least, group.min_channels))
+
+    def _widths(self) -> dict[int, int]:
+        cfg = self.config
+        sizes = {g.id: g.size for g in self.groups}
+        minimum = {g.id: self._min_keep(g) for g in self.groups}
+        multiple = {g.id: g.multiple for g in self.groups}
+        if cfg.flops_target > 0:  # a carrier channel per group whose readers see borders (`apps.sfp.export`)
+            reserve = {g.id: int(g.multiple == 1 and self._sees_borders(g)) for g in self.groups}
+
+            def macs(widths: dict[int, int]) -> float:
+                return self.graph.macs({k: min(sizes[k], w + reserve[k]) for k, w in widths.items()})
+
+            target = cfg.flops_target * self.base_macs
+            return widths_for_target(sizes, minimum, multiple, macs, target)
+        out = {}
+        for g in self.groups:
+            keep = g.size - math.floor(g.size * cfg.prune_ratio)
+            out[g.id] = min(g.size, max(minimum[g.id], math.ceil(keep / g.multiple) * g.multiple))
+        return out
+
+    @staticmethod
+    def _head(model: nn.Module, calls: list[tuple[str, tuple, Any]], output: Any) -> str:
+        """The layer whose output is the model's (CR-SFP's P-NN head, copied for the R-NN)."""
+        match = [n for n, _, out in calls if out is output and isinstance(model.get_submodule(n), (nn.Linear, _ConvNd))]
+        if not match:
+            raise ValueError(
+                "CR-SFP needs a model whose output is the output of one linear or convolution layer (its "
+                f"classifier head, copied for the unpruned network); {type(model).__name__}'s is not"
+            )
+        return match[-1]
+
+    # ------------------------------------------------------------------ masks
+    def scores(self) -> dict[int, Tensor]:
+        """The criterion's score of every channel of every pruned group (low: zeroed)."""
+        params = dict(self.net.named_parameters())
+        out = {}
+        for g in self.groups:
+            blocks = [(params[n].detach().index_select(0, pos), ch) for n, pos, ch in self._rows[g.id]]
+            if self.config.criterion == "l2":
+                out[g.id] = l2_scores(blocks, g.size)
+            elif self.config.criterion == "fpgm":
+                out[g.id] = fpgm_scores(blocks, g.size)
+            else:
+                missing = [n for n, _, _ in self._rows[g.id] if n not in self._grads]
+                if missing:
+                    raise ValueError(
+                        f"criterion='taylor' needs a gradient of {missing[0]}, and none has been computed yet "
+                        "(zero_before_training zeroes before the first step): set zero_before_training=False "
+                        "or use criterion='l2' or 'fpgm'"
+                    )
+                grads = [self._grads[n].index_select(0, pos) for n, pos, _ in self._rows[g.id]]
+                out[g.id] = taylor_scores(blocks, grads, g.size)
+        return out
+
+    @torch.no_grad()
+    def zero(self) -> None:
+        """Re-rank every pruned group and zero the filters of its lowest-scoring channels (the soft prune)."""
+        params = dict(self.net.named_parameters())
+        for gid, score in self.scores().items():
+            keep = torch.zeros_like(self.masks[gid])
+            keep[torch.argsort(score, descending=True, stable=True)[: self.widths[gid]]] = True
+            self.masks[gid] = keep
+        for gid, rows in self._rows.items():
+            for name, pos, ch in rows:
+                mask = self.masks[gid][ch]
+                params[name].index_fill_(0, pos[~mask], 0.0)
+                if isinstance(self.model, CRSFPNet):
+                    self.model.row_mask(name).index_copy_(
+                        0,
+                        pos,
+                        mask.to(self.model.row_mask(name).dtype).reshape(-1, *self.model.row_mask(name).shape[1:]),
+                    )
+
+    # ------------------------------------------------------------------ training
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every parameter, decayed (the spec's recipes decay all of them)."""
+        return [
+            {
+                "params": [p for p in self.model.parameters() if p.requires_grad],
+                "weight_decay": self.config.weight_decay,
+            }
+        ]
+
+    def optimizer(self) -> torch.optim.SGD:
+        """SGD with Nesterov momentum over `param_groups`."""
+        return torch.optim.SGD(self.param_groups(), lr=self.config.lr, momentum=self.config.momentum, nesterov=True)
+
+    def loss(self, output: Tensor | tuple[Tensor, Tensor], labels: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross entropy (``reduction`` as in `F.cross_entropy`, for validation); for CR-SFP's training
+        output ``(z_P, z_R)``: CE(z_P) + CE(z_R) + α·½[KL(sg(p_R) ‖ p_P) + KL(sg(p_P) ‖ p_R)], batch means."""
+        if not isinstance(output, tuple):
+            return F.cross_entropy(output, labels, reduction=reduction)
+        z_p, z_r = output
+        log_p, log_r = F.log_softmax(z_p, dim=1), F.log_softmax(z_r, dim=1)
+        kl_p = F.kl_div(log_p, log_r.detach(), reduction="batchmean", log_target=True)  # KL(sg(p_R) ‖ p_P)
+        kl_r = F.kl_div(log_r, log_p.detach(), reduction="batchmean", log_target=True)  # KL(sg(p_P) ‖ p_R)
+        return F.cross_entropy(z_p, labels) + F.cross_entropy(z_r, labels) + self.config.alpha * 0.5 * (kl_p + kl_r)
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Keep the last gradient of every producer filter (Taylor); CR-SFP with FPGM also zeroes the masked
+        filters' whole gradient, as FPGM does."""
+        params = dict(self.net.named_parameters())
+        names = {n for rows in self._rows.values() for n, _, _ in rows}
+        if self.config.criterion == "taylor":
+            for n in names:
+                if params[n].grad is not None:
+                    self._grads[n] = params[n].grad.detach().clone()
+        if self.config.method == "cr-sfp" and self.config.criterion == "fpgm":
+            for gid, rows in self._rows.items():
+                for name, pos, ch in rows:
+                    g = params[name].grad
+                    if g is not None:
+                        g.index_fill_(0, pos[~self.masks[gid][ch]], 0.0)
+
+    def after_step(self, iteration: int) -> None:
+        """Re-zero after the last step of every epoch (and of the run)."""
+        self.iteration = iteration
+        if self.iters_per_epoch is None:
+            raise ValueError("SFP re-zeroes after every epoch: pass SFP(..., iters_per_epoch=len(train_loader))")
+        done = iteration + 1
+        if done % self.iters_per_epoch == 0 or (self.total_iters is not None and done == self.total_iters):
+            self.zero()
+
+    def extend(self, total_iters: int) -> None:
+        """Lengthen the run (a resumed run given more epochs): zeroing goes on after every epoch."""
+        self.total_iters = total_iters
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {int(k): v.clone() for k, v in self.masks.items()},
+            "grads": dict(self._grads),
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        masks = {int(k): v for k, v in state["masks"].items()}
+        if set(masks) != set(self.masks) or any(masks[k].shape != v.shape for k, v in self.masks.items()):
+            raise ValueError("the saved masks belong to other channel groups (another model or mode)")
+        device = next(self.net.parameters()).device
+        self.masks = {k: v.to(device=device, dtype=torch.bool) for k, v in masks.items()}
+        self._grads = {k: v.to(device) for k, v in state.get("grads", {}).items()}
+        self.iteration = int(state.get("iteration", -1))
+
+    def epoch_metrics(self) -> dict[str, int]:
+        """Columns of the training log: channels zeroed now."""
+        return {"zeroed": sum(int((~m).sum()) for m in self.masks.values())}
+
+    def summary(self) -> dict[str, Any]:
+        """What a prune run's ``summary.json`` adds: kept widths per group, the variant and criterion."""
+        return {
+            "variant": self.config.method,
+            "criterion": self.config.criterion,
+            "group_widths": {str(g.id): {"size": g.size, "kept": self.widths[g.id]} for g in self.groups},
+        }
+
+    # ------------------------------------------------------------------ export
+    def masked_network(self) -> nn.Module:
+        """The P-NN as a plain network: a copy of the backbone with the zeroed filters at exactly 0 (its head
+        is the P-NN's)."""
+        pnn = copy.deepcopy(self.net)
+        params = dict(pnn.named_parameters())
+        with torch.no_grad():
+            for gid, rows in self._rows.items():
+                for name, pos, ch in rows:
+                    params[name].index_fill_(0, pos[~self.masks[gid][ch]], 0.0)
+        return pnn
+
+    def convert(self, verify_inputs: Tensor | Sequence[Tensor] | None = None) -> tuple[nn.Module, ExportReport]:
+        """``(narrow, report)``: the P-NN with its zeroed channels removed and their constants folded
+        (`apps.sfp.export.export_narrow`), verified against the masked P-NN. Not exact to
+        ``export_tolerance`` (a fold at padded borders): `InexactExportError` with
+        ``on_inexact="raise"``, else a warning with the measured error."""
+        removed = {group_key(g): torch.nonzero(~self.masks[g.id]).flatten().tolist() for g in self.groups}
+        narrow, report = export_narrow(
+            self.masked_network(),
+            self.example_inputs,
+            removed,
+            verify_inputs=verify_inputs,
+            tolerance=self.config.export_tolerance,
+            leaf_modules=self._leaf_modules,
+        )
+        target = self.config.flops_target * self.base_macs
+        if self.config.flops_target > 0 and report.macs_after > target:
+            warnings.warn(
+                f"the exported SFP model keeps {report.macs_after / self.base_macs:.4f} of the MACs, above "
+                f"flops_target={self.config.flops_target}: its carrier channels ({report.carriers}) outnumber "
+                "the one per group the widths reserved",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if not report.border_layers and not report.unfoldable and report.max_rel_error > 1e-10:
+            raise InexactExportError(
+                f"the SFP export is not exact: max relative error {report.max_rel_error:.3e} > 1e-10 in float64 "
+                "although every fold is exact; a layer between the zeroed filters and their readers mixes channels"
+            )
+        if not report.exact:
+            where = []
+            if report.border_layers:
+                where.append(
+                    f"{len(report.border_layers)} padded layer(s) with k>1 read a removed channel's constant "
+                    f"(largest |constant| {report.largest_constant:.3g}) only partly at their borders and no "
+                    f"carrier channel could stand in (the group's width must stay a multiple), e.g. "
+                    f"{report.border_layers[0]}"
+                )
+            if report.unfoldable:
+                where.append(f"removed channels are not constant at {report.unfoldable[0]}")
+            message = (
+                f"the SFP export is not exact: the narrow model differs from the masked P-NN by max relative "
+                f"error {max(report.max_rel_error, report.max_rel_error_native):.3e} > export_tolerance "
+                f"{report.tolerance:.0e}: {'; '.join(where)}"
+            )
+            if self.config.on_inexact == "raise":
+                raise InexactExportError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return narrow, report
