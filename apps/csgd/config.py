@@ -53,6 +53,10 @@ class CSGDConfig:
     """Budget rule: the fraction of the run within which the clusters collapse."""
     collapse_factor: float = 1e-9
     """Budget rule: by how much the within-cluster differences shrink over that fraction."""
+    collapse_ramp: float = 2.0
+    """Budget rule: ε grows as (t / t_c)² (this power) up to the end t_c of the collapse and stays there, so
+    the clusters merge gradually over the collapse instead of in its first few percent (0: constant ε
+    from the first step, as the paper)."""
     vector_strength_factor: float = 0.1
     """Factor of ε on the norm's γ/β and on biases (the paper's 0.1)."""
     spread_every: int = 100
@@ -77,7 +81,14 @@ class CSGDConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("lr", "weight_decay", "bias_lr_factor", "centripetal_strength", "vector_strength_factor"):
+        for name in (
+            "lr",
+            "weight_decay",
+            "bias_lr_factor",
+            "centripetal_strength",
+            "vector_strength_factor",
+            "collapse_ramp",
+        ):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -94,23 +105,38 @@ class CSGDConfig:
             raise ValueError(f"num_at_least must be a positive integer, got {self.num_at_least!r}")
 
     def strength(self, total_iters: int | None) -> float:
-        """ε for a run of `total_iters`: the configured one, or the budget rule's: the ε whose contraction of
-        the within-cluster differences under this optimizer (SGD, Nesterov momentum μ, lr constant while
-        collapsing, see `collapse_rate`) shrinks them by ``collapse_factor`` over ``collapse_fraction`` of
-        the run; at least the paper's 3e-3 and at most ``0.05 / lr`` (a step then moves a member at most
-        5% of the way to its cluster mean, which keeps the momentum iteration stable). A run too short for
-        that cap collapses later than planned (at μ = 0.9 the fastest collapse takes ~270 iterations)."""
+        """The largest ε of a run of `total_iters`: the configured one, or the budget rule's: the ε whose
+        contraction of the within-cluster differences under this optimizer (SGD, Nesterov momentum μ, lr
+        constant while collapsing, see `collapse_rate`), ramped by `ramp`, shrinks them by
+        ``collapse_factor`` over ``collapse_fraction`` of the run; at least the paper's 3e-3 and at most
+        ``0.05 / lr`` (a step then moves a member at most 5% of the way to its cluster mean, which keeps the
+        momentum iteration stable). A run too short for that cap collapses later than planned (at μ = 0.9
+        the fastest constant collapse takes ~270 iterations)."""
         if self.centripetal_strength is not None:
             return float(self.centripetal_strength)
         if not total_iters:
             return 3e-3
-        needed = math.log(1.0 / self.collapse_factor) / (self.collapse_fraction * total_iters)
-        lo, hi = 0.0, 0.05  # bisect h = lr·(η + ε): collapse_rate is increasing in h on [0, 0.05]
-        if collapse_rate(hi, self.momentum) > needed:
-            for _ in range(60):
+        steps = self.collapse_fraction * total_iters
+        needed = math.log(1.0 / self.collapse_factor)
+        shape = [((k + 0.5) / 256) ** self.collapse_ramp for k in range(256)]  # midpoints of the ramp
+
+        def shrink(h_max: float) -> float:  # ln of the total contraction over the collapse
+            eta = self.lr * self.weight_decay
+            return steps * sum(collapse_rate(eta + (h_max - eta) * f, self.momentum) for f in shape) / len(shape)
+
+        lo, hi = 0.0, 0.05  # bisect h = lr·(η + ε_max): the contraction is increasing in h on [0, 0.05]
+        if shrink(hi) > needed:
+            for _ in range(50):
                 mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if collapse_rate(mid, self.momentum) < needed else (lo, mid)
+                lo, hi = (mid, hi) if shrink(mid) < needed else (lo, mid)
         return min(0.05 / self.lr, max(3e-3, hi / self.lr - self.weight_decay))
+
+    def ramp(self, iteration: int, total_iters: int | None) -> float:
+        """The fraction of `strength` that step `iteration` (0-based) applies: the budget rule's
+        ``min(1, (iteration + 1) / t_c) ** collapse_ramp``; 1 for a fixed ε or an unknown run length."""
+        if self.centripetal_strength is not None or not total_iters or self.collapse_ramp == 0:
+            return 1.0
+        return min(1.0, (iteration + 1) / (self.collapse_fraction * total_iters)) ** self.collapse_ramp
 
 
 def collapse_rate(h: float, momentum: float) -> float:

@@ -146,7 +146,8 @@ class CSGD:
             self.config.flops_target * self.base_macs,
         )
         self.clusters: dict[int, list[list[int]]] = {g.id: self._cluster(g, self.widths[g.id]) for g in self.groups}
-        self.strength = self.config.strength(total_iters)
+        self.strength = self.config.strength(total_iters)  # the largest ε of the run (`current_strength` now)
+        self.iteration = -1
         self.spread_log: list[tuple[int, float]] = []  # (iterations done, spread), see `after_step`
         self._index()
 
@@ -293,9 +294,8 @@ class CSGD:
             if p.grad is None:
                 continue
             kernel = p.ndim > 1
-            eta, eps = (
-                (cfg.weight_decay, self.strength) if kernel else (0.0, cfg.vector_strength_factor * self.strength)
-            )
+            now = self.current_strength
+            eta, eps = (cfg.weight_decay, now) if kernel else (0.0, cfg.vector_strength_factor * now)
             updates = []
             for s in self._slices[name]:
                 g = p.grad.index_select(0, s.rows).reshape(len(s.rows), -1)
@@ -313,6 +313,11 @@ class CSGD:
             for rows, new in updates:
                 p.grad.index_copy_(0, rows, new.reshape((-1,) + tuple(p.shape[1:])))
 
+    @property
+    def current_strength(self) -> float:
+        """ε of the step about to be taken (the budget rule ramps it up over the collapse)."""
+        return self.strength * self.config.ramp(self.iteration + 1, self.plan_iters)
+
     def after_step(self, iteration: int) -> None:
         """Record the within-cluster spread after every ``spread_every``-th step (and the first)."""
         self.iteration = iteration
@@ -322,7 +327,7 @@ class CSGD:
 
     def epoch_metrics(self) -> dict[str, float]:
         """Columns of the training log: the largest within-cluster spread and the centripetal strength."""
-        return {"spread": self.spread(), "centripetal_strength": self.strength}
+        return {"spread": self.spread(), "centripetal_strength": self.current_strength}
 
     def summary(self) -> dict[str, Any]:
         """What a prune run's ``summary.json`` adds about C-SGD: clusters per group, the strength used and
@@ -353,6 +358,7 @@ class CSGD:
         return {
             "clusters": {int(k): [list(map(int, c)) for c in v] for k, v in self.clusters.items()},
             "spread_log": [[int(i), float(v)] for i, v in self.spread_log],
+            "iteration": self.iteration,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -361,6 +367,7 @@ class CSGD:
             raise ValueError("the saved clusters belong to other channel groups (another model or mode)")
         self.clusters = clusters
         self.spread_log = [(int(i), float(v)) for i, v in state.get("spread_log", [])]
+        self.iteration = int(state.get("iteration", -1))
         self._index()
 
     # ------------------------------------------------------------------ conversion
