@@ -22,12 +22,19 @@ from 0.02 to 0 over the iterations left:
                       sharing one clustering) as many as the widths that meet T, collapsed by the
                       centripetal rule over the first 30% of N (its budget strength, Nesterov momentum, the
                       spec's bias lr x2), then the cosine; merged exactly at the end.
+  f  sfp              SFP (`apps.sfp prune --method sfp`): the filters of the lowest L2 norm zeroed in every
+                      internal layer (the published layer sets) before training and after every epoch,
+                      free to regrow in between; one prune ratio for every layer, the one whose exported
+                      model meets T; exported narrow and exact (`apps.sfp.export`).
+  g  cr-sfp           CR-SFP (`--method cr-sfp`): the same masks, the pruned and the unpruned network
+                      trained together on two augmented views of every image (CE + CE + bidirectional KL).
+                      Both zero filters up to the last epoch, so their lr follows the cosine over all N.
 
 Each (method, target) runs once per seed (``--seeds``, default 0,1,2); the report gives the mean and the
 spread (sample standard deviation) over the seeds. ``--ablation`` instead runs variants of (b) at the first
 target and seed, each with one component of the budget recipe switched off (`ABLATIONS`).
 
-Every run is a subprocess (the `apps.resrep` CLI for the base and for a/b, the `apps.csgd` CLI for e,
+Every run is a subprocess (the `apps.resrep` CLI for the base and for a/b, the `apps.csgd` CLI for e, `apps.sfp` for f/g,
 this script's ``--worker`` mode for c/d) with its log in ``<run dir>.log``; a run is done when its folder holds ``summary.json``
 and is resumed from its atomic checkpoint otherwise, so the benchmark can be killed and rerun at any
 time with nothing lost; ``--jobs`` runs that many side by side (``--threads`` each). A method that
@@ -93,18 +100,29 @@ from apps.engine.models import (
 from apps.resrep.app import APP as RESREP_APP
 from apps.resrep.config import ResRepConfig
 from apps.resrep.selection import select_masks
+from apps.sfp.app import APP as SFP_APP
 from reparam.atomic import atomic_save
 from reparam.graph import ChannelGroup, load_pruned, prune, save_pruned, trace
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {"quick": "resnet20", "full": "resnet56"}
-METHODS = {"a": "resrep-paper", "b": "resrep-residual", "c": "tp-groupnorm", "d": "l1-oneshot", "e": "csgd"}
+METHODS = {
+    "a": "resrep-paper",
+    "b": "resrep-residual",
+    "c": "tp-groupnorm",
+    "d": "l1-oneshot",
+    "e": "csgd",
+    "f": "sfp",
+    "g": "cr-sfp",
+}
 SCOPES = {
     "resrep-paper": "internal layers of blocks",
     "resrep-residual": "all prunable groups",
     "tp-groupnorm": "internal layers of blocks (TP cannot prune through option-A pads)",
     "l1-oneshot": "all prunable groups",
     "csgd": "all prunable groups (residual groups share one clustering)",
+    "sfp": "internal layers of blocks (the published layer sets)",
+    "cr-sfp": "internal layers of blocks (the published layer sets)",
 }
 DEFAULT_TARGETS = (0.471, 0.35)
 BATCH = 64
@@ -298,6 +316,24 @@ def csgd_step(setup: Setup, run: Run) -> Step:
     return Step(step_name(run), out, cli(setup, "prune", *flags, app="csgd"))
 
 
+def sfp_step(setup: Setup, run: Run) -> Step:
+    """SFP / CR-SFP by the CLI with the shared optimizer (lr, weight decay) and the ratio that meets T."""
+    out = setup.run_dir(run)
+    flags = ["--checkpoint", str(setup.base_dir / CHECKPOINT_NAME), "--epochs", str(setup.epochs)]
+    flags += ["--method", run.method, "--lr", f"{FINETUNE.lr:g}", "--weight-decay", f"{FINETUNE.weight_decay:g}"]
+    flags += [
+        "--flops-target",
+        f"{run.target:g}",
+        "--seed",
+        str(run.seed),
+        "--formats",
+        "state_dict",
+        "--out",
+        str(out),
+    ]
+    return Step(step_name(run), out, cli(setup, "prune", *flags, app="sfp"))
+
+
 @dataclass(frozen=True)
 class Job:
     """What a ``--worker`` process runs (method c or d), passed as JSON on its command line."""
@@ -339,6 +375,8 @@ def method_step(setup: Setup, run: Run) -> Step:
         return resrep_step(setup, run)
     if run.method == "csgd":
         return csgd_step(setup, run)
+    if run.method in ("sfp", "cr-sfp"):
+        return sfp_step(setup, run)
     return worker_step(setup, run)
 
 
@@ -689,9 +727,9 @@ def method_deploy(app: App, run_dir: Path, model_cfg: ModelConfig, info: DataInf
 
 def final_model(method: str, run_dir: Path, model_cfg: ModelConfig, info: DataInfo) -> nn.Module:
     """The trained, pruned network of a finished run (CPU, eval mode)."""
-    if method.startswith("resrep-") or method == "csgd":
-        app = CSGD_APP if method == "csgd" else RESREP_APP
-        return method_deploy(app, run_dir, model_cfg, info).eval()
+    apps = {"csgd": CSGD_APP, "sfp": SFP_APP, "cr-sfp": SFP_APP}
+    if method.startswith("resrep-") or method in apps:
+        return method_deploy(apps.get(method, RESREP_APP), run_dir, model_cfg, info).eval()
     fresh = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
     if method == "tp-groupnorm":
         return deploy_shell(fresh, unwrap_state_dict(load_file(run_dir / "final.pt"))).eval()
@@ -768,6 +806,8 @@ def collect(
                 params=m.params,
                 largest_removed_norm=summary.get("largest_removed_norm"),
                 plan=summary.get("plan"),
+                max_rel_error=summary.get("max_rel_error"),  # conversion / merge / export vs the trained model
+                **{k: summary[k] for k in ("exact", "carriers", "spread_log", "centripetal_strength") if k in summary},
             )
         row["scope"] = SCOPES[run.method]
         rows.append(row)

@@ -152,9 +152,17 @@ def test_benchmark_end_to_end_and_reuse(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout, json.loads(result.read_text())
 
-    stdout, payload = run("--methods", "a,b,c,d,e", "--targets", "0.471", "--seeds", "0", "--jobs", "2")
+    stdout, payload = run("--methods", "a,b,c,d,e,f,g", "--targets", "0.471", "--seeds", "0", "--jobs", "2")
     by_method = {r["method"]: r for r in payload["results"]}
-    assert list(by_method) == ["resrep-paper", "resrep-residual", "tp-groupnorm", "l1-oneshot", "csgd"]
+    assert list(by_method) == [
+        "resrep-paper",
+        "resrep-residual",
+        "tp-groupnorm",
+        "l1-oneshot",
+        "csgd",
+        "sfp",
+        "cr-sfp",
+    ]
     # 3 iterations cannot collapse C-SGD's clusters: its merge is refused, with the measured spread, and recorded
     csgd = by_method.pop("csgd")
     assert csgd["status"] == "failed" and "have not converged" in csgd["error"], csgd
@@ -162,6 +170,8 @@ def test_benchmark_end_to_end_and_reuse(tmp_path):
     for r in by_method.values():  # every method meets the target; ResRep's budget recipe exactly (removed rows 0)
         assert r["macs_kept"] <= 0.471, r
     assert by_method["resrep-residual"]["largest_removed_norm"] == 0.0
+    for v in ("sfp", "cr-sfp"):  # exported narrow and exact, MACs counted on the narrow model
+        assert by_method[v]["exact"] and by_method[v]["max_rel_error"] <= 1e-10, by_method[v]
     assert by_method["resrep-residual"]["plan"]["recipe"] == "budget"
     assert set(by_method["l1-oneshot"]["latency_ms"]) == {"1", "64"}
     assert "| 0.471 | l1-oneshot | 1 |" in stdout
