@@ -427,7 +427,9 @@ class CSGD:
                 f"C-SGD clusters have not converged: the merged model differs from the trained one by max relative "
                 f"error {error_trained:.3e} > merge_tolerance {self.config.merge_tolerance:.0e} (largest member "
                 f"deviation from its cluster mean {spread:.2e} of its tensor's scale); train longer or raise "
-                f"centripetal_strength (now {self.strength:.3g})"
+                f"centripetal_strength (now {self.strength:.3g}, reached at iteration "
+                f"{int(self.config.collapse_fraction * (self.plan_iters or 0))}; the budget rule ramps it by "
+                f"the iteration `after_step` reports, {self.iteration + 1} steps so far)"
             )
             if self.config.on_unconverged == "raise":
                 raise UnconvergedError(message)
