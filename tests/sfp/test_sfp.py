@@ -259,3 +259,30 @@ def test_bad_input_is_refused_clearly():
 
     with pytest.raises(ValueError, match="CR-SFP needs a model whose output is the output of one linear"):
         SFP(MeanHead(), x, SFPConfig(method="cr-sfp"), iters_per_epoch=1)
+
+
+def test_cr_sfp_under_bf16_autocast_and_channels_last():
+    loader = _loader(views=2, n=32)
+    sfp = SFP(
+        PublishedResNet(depth=20),
+        torch.randn(1, 3, 8, 8),
+        SFPConfig(method="cr-sfp", prune_ratio=0.3),
+        iters_per_epoch=len(loader),
+        total_iters=len(loader),
+    )
+    history = fit(
+        sfp.model,
+        loader,
+        None,
+        epochs=1,
+        optimizer=sfp.optimizer(),
+        hooks=sfp,
+        loss_fn=sfp.loss,
+        amp="bf16",
+        channels_last=True,
+        progress=False,
+        device="cpu",
+    )
+    assert torch.isfinite(torch.tensor(history[-1]["train_loss"]))
+    _, report = sfp.convert(torch.randn(4, 3, 8, 8))
+    assert report.exact
