@@ -74,8 +74,11 @@ class CRSFPNet(nn.Module):
 
 
 def _outputs(model: nn.Module, inputs: tuple) -> tuple[list[tuple[str, tuple, Any]], Any]:
-    """``([(name, args, output) of every submodule call], model output)`` of one forward of `inputs`."""
+    """``([(name, args, output) of every submodule call], model output)`` of one forward of `inputs`, in
+    eval mode (the norms' running statistics stay as they are)."""
     calls: list[tuple[str, tuple, Any]] = []
+    was_training = model.training
+    model.eval()
     hooks = [
         m.register_forward_hook(lambda _m, args, out, n=n: calls.append((n, args, out)))
         for n, m in model.named_modules()
@@ -87,6 +90,7 @@ def _outputs(model: nn.Module, inputs: tuple) -> tuple[list[tuple[str, tuple, An
     finally:
         for h in hooks:
             h.remove()
+        model.train(was_training)
     return calls, output
 
 

@@ -286,3 +286,11 @@ def test_cr_sfp_under_bf16_autocast_and_channels_last():
     assert torch.isfinite(torch.tensor(history[-1]["train_loss"]))
     _, report = sfp.convert(torch.randn(4, 3, 8, 8))
     assert report.exact
+
+
+def test_building_the_method_leaves_the_norm_statistics_alone():
+    model = PublishedResNet(depth=20).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sfp = SFP(model, torch.randn(1, 3, 8, 8), SFPConfig(method="cr-sfp", prune_ratio=0.0), iters_per_epoch=1)
+    for k, v in sfp.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
