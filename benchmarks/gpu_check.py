@@ -3,7 +3,8 @@
 1. ``amp``: ResRep (budget recipe) trained under fp16 autocast with a GradScaler, the gradient rule applied
    after ``unscale_``: the loss stays finite, the MACs target is met, the removed rows are exactly 0 and
    the conversion is exact (proven in float64 to 1e-10; the float32 deploy model within 1e-5 of max|y|); the same under bf16.
-2. ``channels_last``: the same run in NHWC; the converted model gives the same logits in NHWC and NCHW.
+2. ``channels_last``: the same run in NHWC; the converted model gives the same logits in NHWC and NCHW;
+   ``cr_sfp_fp16``: CR-SFP (two views, two heads, KL) under fp16 + GradScaler in NHWC, exported exactly.
 3. ``ddp_nccl``: ``torchrun --nproc-per-node 1 -m apps.resrep prune`` on the offline digits data, so the
    CLI joins an NCCL process group and trains through DistributedDataParallel; exit 0, target met.
 4. ``epoch_time``: one epoch (782 iterations of batch 64, CIFAR-sized synthetic images) of plain SGD
@@ -35,6 +36,7 @@ from common import machine_meta, write_json
 from apps.engine.loop import fit
 from apps.engine.models import CifarResNet
 from apps.resrep import ResRep, ResRepConfig
+from apps.sfp import SFP, SFPConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +104,51 @@ def check_training(amp: str, channels_last: bool, steps: int = 120, device: str 
         and report.max_rel_error <= 1e-10
         and report.max_rel_error_native <= 1e-5
         and out.get("nhwc_vs_nchw_rel", 0.0) <= 1e-5
+    )
+    return out
+
+
+def check_cr_sfp(amp: str, steps: int = 60, device: str = "cuda") -> dict[str, Any]:
+    """CR-SFP on ResNet-20 (two views per image, two heads, the KL loss through `torch.func.functional_call`)
+    under `amp` with the engine's GradScaler and channels_last, zeroed every 20 steps, then exported."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    batches = [(torch.stack([x, x.flip(-1)], dim=1), y) for x, y in _loader(steps, 64, seed=2)]
+    sfp = SFP(
+        CifarResNet(20).to(device),
+        batches[0][0][:1, 0].to(device),
+        SFPConfig(method="cr-sfp", flops_target=0.5, lr=0.05),
+        iters_per_epoch=20,
+        total_iters=steps,
+    )
+    history = fit(
+        sfp.model,
+        batches,
+        None,
+        epochs=1,
+        optimizer=sfp.optimizer(),
+        hooks=sfp,
+        loss_fn=sfp.loss,
+        amp=amp,
+        channels_last=True,
+        device=device,
+        progress=False,
+    )
+    _, report = sfp.convert(batches[0][0][:32, 0].to(device))
+    out = {
+        "amp": amp,
+        "steps": steps,
+        "train_loss": history[-1]["train_loss"],
+        "macs_kept": report.macs_after / report.macs_before,
+        "carriers": sum(len(v) for v in report.carriers.values()),
+        "max_rel_error": report.max_rel_error,
+        "max_rel_error_native": report.max_rel_error_native,
+    }
+    out["ok"] = bool(
+        torch.isfinite(torch.tensor(out["train_loss"]))
+        and report.exact
+        and report.max_rel_error <= 1e-10
+        and report.max_rel_error_native <= 1e-5
     )
     return out
 
@@ -238,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "amp_fp16": lambda: check_training("fp16", False),
         "amp_bf16": lambda: check_training("bf16", False),
         "channels_last_fp16": lambda: check_training("fp16", True),
+        "cr_sfp_fp16": lambda: check_cr_sfp("fp16"),
         "ddp_nccl": lambda: check_ddp_nccl(tmp),
         "epoch_time_resnet56": epoch_time,
     }

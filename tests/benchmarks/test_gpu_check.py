@@ -28,6 +28,11 @@ def test_training_check_passes_on_the_cpu():
     assert out["recipe"] == "budget" and out["largest_removed_norm"] == 0.0 and out["macs_kept"] <= 0.5
 
 
+def test_cr_sfp_check_passes_on_the_cpu():
+    out = _load().check_cr_sfp("bf16", steps=8, device="cpu")
+    assert out["ok"], out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_refuses_without_cuda(tmp_path, capsys):
     assert _load().main(["--out", str(tmp_path / "g.json")]) == 2
