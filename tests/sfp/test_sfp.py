@@ -294,3 +294,16 @@ def test_building_the_method_leaves_the_norm_statistics_alone():
     sfp = SFP(model, torch.randn(1, 3, 8, 8), SFPConfig(method="cr-sfp", prune_ratio=0.0), iters_per_epoch=1)
     for k, v in sfp.net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_stem_and_skipped_layers_stay_at_full_width():
+    x = torch.randn(1, 3, 8, 8)
+    model = PublishedResNet(depth=20)
+    every = SFP(model, x, SFPConfig(mode="residual"), iters_per_epoch=1)
+    assert every.stem == {"conv1"} and any("conv1" in [p.module for p in g.producers] for g in every.groups)
+    no_stem = SFP(model, x, SFPConfig(mode="residual", prune_stem=False), iters_per_epoch=1)
+    assert not any("conv1" in [p.module for p in g.producers] for g in no_stem.groups)
+    assert any("the stem conv1 (prune_stem=False)" in why for why in no_stem.skipped.values())
+    skipped = SFP(model, x, SFPConfig(skip="layer2.*"), iters_per_epoch=1)
+    assert all(not p.module.startswith("layer2.") for g in skipped.groups for p in g.producers)
+    assert any("which skip='layer2.*' excludes" in why for why in skipped.skipped.values())
