@@ -44,12 +44,12 @@ class CRSFPNet(nn.Module):
     """CR-SFP's two networks on one backbone: ``net`` (whose head is the P-NN's) and ``head_r`` (the
     R-NN's head, a copy of ``net.<head>``); a row mask per masked weight (buffers), shared norms.
 
-    Training with a (B, 2, ...) batch returns ``(z_P, z_R)``: the P-NN on view 1 (weights times their
+    Training with a (B, 2, ...) batch (one dimension more than ``input_ndim``) returns ``(z_P, z_R)``: the P-NN on view 1 (weights times their
     masks), the R-NN on view 2 (raw weights, ``head_r``). Anything else returns the P-NN's logits."""
 
-    def __init__(self, net: nn.Module, head: str, masked: Sequence[str]) -> None:
+    def __init__(self, net: nn.Module, head: str, masked: Sequence[str], input_ndim: int = 4) -> None:
         super().__init__()
-        self.net, self.head = net, head
+        self.net, self.head, self.input_ndim = net, head, input_ndim
         self.head_r = copy.deepcopy(net.get_submodule(head))
         self.masked = tuple(masked)
         params = dict(net.named_parameters())
@@ -65,7 +65,7 @@ class CRSFPNet(nn.Module):
         return {n: params[n] * self.row_mask(n) for n in self.masked}
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        if self.training and x.ndim >= 5 and x.shape[1] == 2:
+        if self.training and x.ndim == self.input_ndim + 1 and x.shape[1] == 2:
             z_p = functional_call(self.net, self.masked_weights(), (x[:, 0],))
             head_r = {f"{self.head}.{k}": v for k, v in self.head_r.named_parameters()}
             z_r = functional_call(self.net, head_r, (x[:, 1],))
@@ -151,7 +151,8 @@ class SFP:
         self.model: nn.Module = self.net
         if cfg.method == "cr-sfp":
             masked = sorted({n for rows in self._rows.values() for n, _, _ in rows})
-            self.model = CRSFPNet(self.net, self._head(self.net, calls, output), masked)
+            ndim = self.example_inputs[0].ndim
+            self.model = CRSFPNet(self.net, self._head(self.net, calls, output), masked, ndim)
         if total_iters is not None and cfg.zero_before_training:
             self.zero()
 
