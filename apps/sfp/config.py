@@ -57,6 +57,9 @@ class SFPConfig:
     full width (the spec skips downsample convs)."""
     zero_before_training: bool = True
     """Zero the lowest-ranked filters once before the first step (the spec's schedule)."""
+    rerank_at_end: bool = True
+    """Re-rank at the zeroing after the last epoch too (the spec's schedule); off, that zeroing keeps the
+    masks the last epoch trained with, so CR-SFP deploys exactly the P-NN it trained."""
     alpha: float = 1.0
     """CR-SFP: weight of the bidirectional KL between the two networks' predictions."""
     lr: float = 0.01

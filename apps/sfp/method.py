@@ -251,10 +251,11 @@ class SFP:
         return out
 
     @torch.no_grad()
-    def zero(self) -> None:
-        """Re-rank every pruned group and zero the filters of its lowest-scoring channels (the soft prune)."""
+    def zero(self, rerank: bool = True) -> None:
+        """Re-rank every pruned group and zero the filters of its lowest-scoring channels (the soft prune);
+        ``rerank=False`` zeroes the channels the masks already name."""
         params = dict(self.net.named_parameters())
-        for gid, score in self.scores().items():
+        for gid, score in (self.scores() if rerank else {}).items():
             keep = torch.zeros_like(self.masks[gid])
             keep[torch.argsort(score, descending=True, stable=True)[: self.widths[gid]]] = True
             self.masks[gid] = keep
@@ -317,8 +318,9 @@ class SFP:
         if self.iters_per_epoch is None:
             raise ValueError("SFP re-zeroes after every epoch: pass SFP(..., iters_per_epoch=len(train_loader))")
         done = iteration + 1
-        if done % self.iters_per_epoch == 0 or (self.total_iters is not None and done == self.total_iters):
-            self.zero()
+        last = self.total_iters is not None and done == self.total_iters
+        if done % self.iters_per_epoch == 0 or last:
+            self.zero(rerank=self.config.rerank_at_end or not last)
 
     def extend(self, total_iters: int) -> None:
         """Lengthen the run (a resumed run given more epochs): zeroing goes on after every epoch."""

@@ -307,3 +307,36 @@ def test_stem_and_skipped_layers_stay_at_full_width():
     skipped = SFP(model, x, SFPConfig(skip="layer2.*"), iters_per_epoch=1)
     assert all(not p.module.startswith("layer2.") for g in skipped.groups for p in g.producers)
     assert any("which skip='layer2.*' excludes" in why for why in skipped.skipped.values())
+
+
+def test_without_the_final_rerank_the_deployed_pnn_is_the_one_trained():
+    loader, epochs = _loader(views=2), 2
+    cfg = SFPConfig(method="cr-sfp", prune_ratio=0.4, rerank_at_end=False)
+    sfp = SFP(
+        _alive(PublishedResNet(depth=20)),
+        torch.randn(1, 3, 8, 8),
+        cfg,
+        iters_per_epoch=len(loader),
+        total_iters=epochs * len(loader),
+    )
+    seen = {}
+    step = sfp.after_step
+
+    def spy(i):
+        if i + 1 == epochs * len(loader):
+            seen.update({k: v.clone() for k, v in sfp.masks.items()})
+        step(i)
+
+    sfp.after_step = spy
+    fit(
+        sfp.model,
+        loader,
+        None,
+        epochs=epochs,
+        optimizer=sfp.optimizer(),
+        hooks=sfp,
+        loss_fn=sfp.loss,
+        progress=False,
+        device="cpu",
+    )
+    assert all(torch.equal(seen[g], m) for g, m in sfp.masks.items())  # the last zeroing kept the masks
