@@ -320,7 +320,7 @@ class SFP:
         done = iteration + 1
         last = self.total_iters is not None and done == self.total_iters
         if done % self.iters_per_epoch == 0 or last:
-            self.zero(rerank=self.config.rerank_at_end or not last)
+            self.zero(rerank=self.config.rerank_last or not last)
 
     def extend(self, total_iters: int) -> None:
         """Lengthen the run (a resumed run given more epochs): zeroing goes on after every epoch."""

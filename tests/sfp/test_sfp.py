@@ -311,7 +311,7 @@ def test_stem_and_skipped_layers_stay_at_full_width():
 
 def test_without_the_final_rerank_the_deployed_pnn_is_the_one_trained():
     loader, epochs = _loader(views=2), 2
-    cfg = SFPConfig(method="cr-sfp", prune_ratio=0.4, rerank_at_end=False)
+    cfg = SFPConfig(method="cr-sfp", prune_ratio=0.4)  # CR-SFP: no final re-rank by default
     sfp = SFP(
         _alive(PublishedResNet(depth=20)),
         torch.randn(1, 3, 8, 8),
@@ -340,3 +340,8 @@ def test_without_the_final_rerank_the_deployed_pnn_is_the_one_trained():
         device="cpu",
     )
     assert all(torch.equal(seen[g], m) for g, m in sfp.masks.items())  # the last zeroing kept the masks
+
+
+def test_the_final_rerank_defaults_by_variant():
+    assert SFPConfig().rerank_last and not SFPConfig(method="cr-sfp").rerank_last
+    assert SFPConfig(method="cr-sfp", rerank_at_end=True).rerank_last and not SFPConfig(rerank_at_end=False).rerank_last
