@@ -61,7 +61,7 @@ class SFPConfig:
     """Re-rank at the zeroing after the last epoch too (the spec's schedule); off, that zeroing keeps the
     masks the last epoch trained with, so CR-SFP deploys exactly the P-NN it trained. None: on for sfp
     (its final ranking picks the regrown filters: 57.8% against 38.9% off, ResNet-20, 1 epoch), off for
-    cr-sfp (77.3% against 53.2% on, same run up to that zeroing; benchmarks/RESULTS.md §1.8)."""
+    cr-sfp (77.3% against 53.2% on, same run up to that zeroing; benchmarks/RESULTS.md §1.6)."""
     alpha: float = 1.0
     """CR-SFP: weight of the bidirectional KL between the two networks' predictions."""
     lr: float = 0.01
