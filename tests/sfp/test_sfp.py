@@ -345,3 +345,51 @@ def test_without_the_final_rerank_the_deployed_pnn_is_the_one_trained():
 def test_the_final_rerank_defaults_by_variant():
     assert SFPConfig().rerank_last and not SFPConfig(method="cr-sfp").rerank_last
     assert SFPConfig(method="cr-sfp", rerank_at_end=True).rerank_last and not SFPConfig(rerank_at_end=False).rerank_last
+
+
+def _cr_sfp_run(tmp_path, fail_at=None, resume=False):
+    loader = _loader(views=2, n=48)
+    torch.manual_seed(0)
+    sfp = SFP(
+        _alive(PublishedResNet(depth=20)),
+        torch.randn(1, 3, 8, 8),
+        SFPConfig(method="cr-sfp", criterion="taylor", zero_before_training=False, prune_ratio=0.4),
+        iters_per_epoch=len(loader),
+        total_iters=3 * len(loader),
+    )
+    if fail_at is not None:
+        step = sfp.after_step
+
+        def dying(i):
+            step(i)
+            if i == fail_at:
+                raise KeyboardInterrupt("simulated kill")
+
+        sfp.after_step = dying
+    fit(
+        sfp.model,
+        loader,
+        None,
+        epochs=3,
+        optimizer=sfp.optimizer(),
+        hooks=sfp,
+        loss_fn=sfp.loss,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=2,
+        resume=resume,
+        progress=False,
+        device="cpu",
+    )
+    return sfp
+
+
+def test_a_killed_cr_sfp_run_resumes_exactly(tmp_path):
+    """Masks, the last gradients (Taylor) and the iteration live in the checkpoint: killed mid-epoch 2 and
+    resumed, the run ends with the weights and masks of an uninterrupted one."""
+    whole = _cr_sfp_run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        _cr_sfp_run(tmp_path / "cut", fail_at=4)  # epoch 2 of 3 batches each, after its checkpoint at step 4
+    resumed = _cr_sfp_run(tmp_path / "cut", resume=True)
+    assert all(torch.equal(whole.masks[g], m) for g, m in resumed.masks.items())
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
