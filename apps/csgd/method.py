@@ -289,12 +289,11 @@ class CSGD:
     def after_backward(self) -> None:
         """The centripetal rule on every output-side row: ``g̃ = mean_H(g) + η·W + ε·(W − mean_H(W))``
         for kernels, ``mean_H(g) + f·ε·(v − mean_H(v))`` for vectors (f = ``vector_strength_factor``)."""
-        cfg = self.config
+        cfg, now = self.config, self.current_strength
         for name, p in self.centripetal.items():
             if p.grad is None:
                 continue
             kernel = p.ndim > 1
-            now = self.current_strength
             eta, eps = (cfg.weight_decay, now) if kernel else (0.0, cfg.vector_strength_factor * now)
             updates = []
             for s in self._slices[name]:
