@@ -61,8 +61,7 @@ class CRSFPNet(nn.Module):
         return getattr(self, _key(name))
 
     def masked_weights(self) -> dict[str, Tensor]:
-        params = dict(self.net.named_parameters())
-        return {n: params[n] * self.row_mask(n) for n in self.masked}
+        return {n: self.net.get_parameter(n) * self.row_mask(n) for n in self.masked}
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if self.training and x.ndim == self.input_ndim + 1 and x.shape[1] == 2:
@@ -254,21 +253,27 @@ class SFP:
     def zero(self, rerank: bool = True) -> None:
         """Re-rank every pruned group and zero the filters of its lowest-scoring channels (the soft prune);
         ``rerank=False`` zeroes the channels the masks already name."""
-        params = dict(self.net.named_parameters())
         for gid, score in (self.scores() if rerank else {}).items():
             keep = torch.zeros_like(self.masks[gid])
             keep[torch.argsort(score, descending=True, stable=True)[: self.widths[gid]]] = True
             self.masks[gid] = keep
+        self._zero_masked_rows(self.net)
+        if isinstance(self.model, CRSFPNet):
+            for name, pos, keep in self._row_masks():
+                row_mask = self.model.row_mask(name)
+                row_mask.index_copy_(0, pos, keep.to(row_mask.dtype).reshape(-1, *row_mask.shape[1:]))
+
+    def _row_masks(self):
+        """``(weight name, rows, kept?)`` of every producer's rows that hold pruned-group channels."""
         for gid, rows in self._rows.items():
             for name, pos, ch in rows:
-                mask = self.masks[gid][ch]
-                params[name].index_fill_(0, pos[~mask], 0.0)
-                if isinstance(self.model, CRSFPNet):
-                    self.model.row_mask(name).index_copy_(
-                        0,
-                        pos,
-                        mask.to(self.model.row_mask(name).dtype).reshape(-1, *self.model.row_mask(name).shape[1:]),
-                    )
+                yield name, pos, self.masks[gid][ch]
+
+    @torch.no_grad()
+    def _zero_masked_rows(self, net: nn.Module) -> None:
+        """Set the masked filter rows of `net` (the backbone or a copy of it) to exactly 0."""
+        for name, pos, keep in self._row_masks():
+            net.get_parameter(name).index_fill_(0, pos[~keep], 0.0)
 
     # ------------------------------------------------------------------ training
     def param_groups(self) -> list[dict[str, Any]]:
@@ -299,18 +304,18 @@ class SFP:
     def after_backward(self) -> None:
         """Keep the last gradient of every producer filter (Taylor); CR-SFP with FPGM also zeroes the masked
         filters' whole gradient, as FPGM does."""
-        params = dict(self.net.named_parameters())
-        names = {n for rows in self._rows.values() for n, _, _ in rows}
-        if self.config.criterion == "taylor":
-            for n in names:
-                if params[n].grad is not None:
-                    self._grads[n] = params[n].grad.detach().clone()
-        if self.config.method == "cr-sfp" and self.config.criterion == "fpgm":
-            for gid, rows in self._rows.items():
-                for name, pos, ch in rows:
-                    g = params[name].grad
-                    if g is not None:
-                        g.index_fill_(0, pos[~self.masks[gid][ch]], 0.0)
+        taylor = self.config.criterion == "taylor"
+        fpgm_pnn = self.config.method == "cr-sfp" and self.config.criterion == "fpgm"
+        if not (taylor or fpgm_pnn):
+            return
+        for name, pos, keep in self._row_masks():
+            grad = self.net.get_parameter(name).grad
+            if grad is None:
+                continue
+            if taylor:
+                self._grads[name] = grad.detach().clone()
+            if fpgm_pnn:
+                grad.index_fill_(0, pos[~keep], 0.0)
 
     def after_step(self, iteration: int) -> None:
         """Re-zero after the last step of every epoch (and of the run)."""
@@ -359,11 +364,7 @@ class SFP:
         """The P-NN as a plain network: a copy of the backbone with the zeroed filters at exactly 0 (its head
         is the P-NN's)."""
         pnn = copy.deepcopy(self.net)
-        params = dict(pnn.named_parameters())
-        with torch.no_grad():
-            for gid, rows in self._rows.items():
-                for name, pos, ch in rows:
-                    params[name].index_fill_(0, pos[~self.masks[gid][ch]], 0.0)
+        self._zero_masked_rows(pnn)
         return pnn
 
     def convert(self, verify_inputs: Tensor | Sequence[Tensor] | None = None) -> tuple[nn.Module, ExportReport]:
