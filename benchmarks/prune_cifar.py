@@ -97,9 +97,9 @@ from apps.engine.models import (
     load_weights,
     unwrap_state_dict,
 )
+from apps.engine.selection import select_masks
 from apps.resrep.app import APP as RESREP_APP
 from apps.resrep.config import ResRepConfig
-from apps.resrep.selection import select_masks
 from apps.sfp.app import APP as SFP_APP
 from reparam.atomic import atomic_save
 from reparam.graph import ChannelGroup, load_pruned, prune, save_pruned, trace

@@ -1,4 +1,5 @@
-"""Clusters of channels: k-means on filters or even runs of indices, and the widths a MACs target asks for."""
+"""Clusters of channels (k-means on filters or even runs of indices) and the per-channel scores that turn a
+MACs target into widths."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["even_clusters", "kmeans_clusters"]
+__all__ = ["even_clusters", "kmeans_clusters", "magnitude_scores", "merge_costs"]
 
 
 def even_clusters(channels: int, clusters: int) -> list[list[int]]:
@@ -43,6 +44,29 @@ def kmeans_clusters(features: np.ndarray, clusters: int, seed: int = 0) -> list[
         members = found.pop(largest)
         found += [members[: len(members) // 2], members[len(members) // 2 :]]
     return sorted(found, key=lambda c: c[0])
+
+
+def merge_costs(features: np.ndarray) -> np.ndarray:
+    """Per channel of a group (one row of `features` each), ascending: the cost of the merge that removes one
+    more channel. Agglomerating the rows by Ward's criterion (scipy) merges the two closest clusters at each
+    step; the j-th removal costs the j-th merge height (the growth of the within-cluster deviation it
+    causes), divided by the rows' RMS norm so that groups of any scale and fan-in compare. The last channel,
+    which no merge removes, costs inf."""
+    from scipy.cluster.hierarchy import linkage
+
+    rows = np.asarray(features, dtype=np.float64).reshape(features.shape[0], -1)
+    if rows.shape[0] < 2:
+        return np.full(rows.shape[0], np.inf)
+    scale = float(np.sqrt(np.mean(np.sum(rows * rows, axis=1)))) or 1.0
+    heights = np.sort(linkage(rows, method="ward")[:, 2]) / scale
+    return np.append(heights, np.inf)
+
+
+def magnitude_scores(features: np.ndarray) -> np.ndarray:
+    """Per channel (one row of `features` each): the L1 norm of its row divided by the group's mean, so that
+    one ranking across groups does not simply empty the layers of smallest fan-in."""
+    norms = np.abs(np.asarray(features, dtype=np.float64).reshape(features.shape[0], -1)).sum(1)
+    return norms / max(float(norms.mean()), np.finfo(np.float64).tiny)
 
 
 def _check(channels: int, clusters: int) -> None:

@@ -29,7 +29,8 @@ from reparam.graph.tracing import as_tuple
 from reparam.verify import relative_error
 
 from ..engine.groups import candidate_groups, widths_for_target
-from .clusters import even_clusters, kmeans_clusters
+from ..engine.selection import select_masks
+from .clusters import even_clusters, kmeans_clusters, magnitude_scores, merge_costs
 from .config import CSGDConfig
 
 __all__ = ["CSGD", "ClusterMergeReport", "UnconvergedError"]
@@ -138,13 +139,7 @@ class CSGD:
                 f"(why, per group id: {dict(list(self.skipped.items())[:8])})"
             )
         self.base_macs = int(self.graph.macs())
-        self.widths = widths_for_target(
-            {g.id: g.size for g in self.groups},
-            {g.id: self._min_keep(g) for g in self.groups},
-            {g.id: g.multiple for g in self.groups},
-            lambda w: self.graph.macs(w),
-            self.config.flops_target * self.base_macs,
-        )
+        self.widths = self._target_widths()
         self.clusters: dict[int, list[list[int]]] = {g.id: self._cluster(g, self.widths[g.id]) for g in self.groups}
         self.strength = self.config.strength(total_iters)  # the largest ε of the run (`current_strength` now)
         self.iteration = -1
@@ -202,9 +197,33 @@ class CSGD:
     def _min_keep(self, group: ChannelGroup) -> int:
         return min(group.size, max(self.config.num_at_least, group.min_channels))
 
-    def _cluster(self, group: ChannelGroup, k: int) -> list[list[int]]:
-        if self.config.clustering == "even" or k == group.size:
-            return even_clusters(group.size, k)
+    def _target_widths(self) -> dict[int, int]:
+        """Per group, its number of clusters: the widths that meet ``flops_target`` by ``config.widths``."""
+        target = self.config.flops_target * self.base_macs
+        minimum = {g.id: self._min_keep(g) for g in self.groups}
+        if self.config.widths == "uniform":
+            sizes, multiple = {g.id: g.size for g in self.groups}, {g.id: g.multiple for g in self.groups}
+            return widths_for_target(sizes, minimum, multiple, lambda w: self.graph.macs(w), target)
+        score = merge_costs if self.config.widths == "redundancy" else magnitude_scores
+        ids = [g.id for g in self.groups]
+        masks = select_masks(
+            [torch.as_tensor(score(self._features(g))) for g in self.groups],
+            macs=lambda w: self.graph.macs(dict(zip(ids, w))),
+            target_macs=target,
+            min_keep=[minimum[i] for i in ids],
+            multiple=[g.multiple for g in self.groups],
+        )
+        widths = {i: int(m.sum()) for i, m in zip(ids, masks)}
+        if self.graph.macs(widths) > target:
+            raise ValueError(
+                f"the MACs target {self.config.flops_target} is out of reach: with every clustered group at its "
+                f"minimum width the model keeps {self.graph.macs(widths) / self.base_macs:.3f} of its MACs"
+            )
+        return widths
+
+    def _features(self, group: ChannelGroup) -> np.ndarray:
+        """One row per channel of ``group``: the kernels of its producers (reshaped to out x in·k·k), side by
+        side (the spec's clustering space; a residual group concatenates its producers')."""
         state = dict(self.model.named_parameters())
         rows = []
         for m in self._sides(group)[0]:
@@ -215,7 +234,12 @@ class CSGD:
             block = tensor.detach().double().cpu().reshape(tensor.shape[0], -1).numpy()
             by_channel[np.asarray(m.channels)] = block[np.asarray(m.positions)]
             rows.append(by_channel)
-        return kmeans_clusters(np.concatenate(rows, axis=1), k, seed=self.config.cluster_seed)
+        return np.concatenate(rows, axis=1)
+
+    def _cluster(self, group: ChannelGroup, k: int) -> list[list[int]]:
+        if self.config.clustering == "even" or k == group.size:
+            return even_clusters(group.size, k)
+        return kmeans_clusters(self._features(group), k, seed=self.config.cluster_seed)
 
     def _index(self) -> None:
         """Index tensors for the gradient rule and the merge, from ``self.clusters``."""

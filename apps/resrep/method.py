@@ -58,10 +58,11 @@ from reparam.graph.tracing import as_tuple
 from reparam.ops.blocks import Compactor
 
 from ..engine.groups import candidate_groups
+from ..engine.selection import select_masks
 from .config import ResRepConfig
 from .convert import ConversionReport, convert
 from .recipe import Plan, paper_min_iters, resolve
-from .selection import channel_scores, mask_budget, select_masks
+from .selection import channel_scores, mask_budget
 
 __all__ = [
     "Compacted",
@@ -480,7 +481,7 @@ class ResRep:
 
     @torch.no_grad()
     def update_masks(self) -> None:
-        """One selection round (`apps.resrep.selection.select_masks`), deterministic (the same weights
+        """One selection round (`apps.engine.selection.select_masks`), deterministic (the same weights
         and scores give the same masks on every rank).
 
         Paper recipe: recomputed from all-ones, at most ``begin_granularity`` more masked channels while
