@@ -29,7 +29,7 @@ from reparam.graph.tracing import as_tuple
 from reparam.verify import relative_error
 
 from ..engine.groups import candidate_groups, widths_for_target
-from ..engine.selection import select_masks
+from ..engine.selection import fill_to_target, select_masks
 from .clusters import even_clusters, kmeans_clusters, magnitude_scores, merge_costs
 from .config import CSGDConfig
 
@@ -206,14 +206,22 @@ class CSGD:
             return widths_for_target(sizes, minimum, multiple, lambda w: self.graph.macs(w), target)
         score = merge_costs if self.config.widths == "redundancy" else magnitude_scores
         ids = [g.id for g in self.groups]
+        scores = [torch.as_tensor(score(self._features(g))) for g in self.groups]
         masks = select_masks(
-            [torch.as_tensor(score(self._features(g))) for g in self.groups],
+            scores,
             macs=lambda w: self.graph.macs(dict(zip(ids, w))),
             target_macs=target,
             min_keep=[minimum[i] for i in ids],
             multiple=[g.multiple for g in self.groups],
         )
-        widths = {i: int(m.sum()) for i, m in zip(ids, masks)}
+        grown = fill_to_target(
+            [int(m.sum()) for m in masks],
+            scores,
+            macs=lambda w: self.graph.macs(dict(zip(ids, w))),
+            target_macs=target,
+            multiple=[g.multiple for g in self.groups],
+        )
+        widths = dict(zip(ids, grown))
         if self.graph.macs(widths) > target:
             raise ValueError(
                 f"the MACs target {self.config.flops_target} is out of reach: with every clustered group at its "

@@ -4,6 +4,8 @@ All channels of all candidate groups are ranked together by score, ascending (ti
 position, then channel index, so every process computes the same selection). Walking that list, a channel
 is taken unless its group would fall below its minimum width; skipped channels do not consume the budget.
 The walk stops when the MACs model says the widths meet the target, or when ``budget`` channels are taken.
+A channel whose removal takes a large bite of MACs (a wide residual stream) can carry that walk well below
+the target; ``fill_to_target`` then gives back the dearest removed channels that still fit.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["global_order", "select_masks"]
+__all__ = ["fill_to_target", "global_order", "select_masks"]
 
 
 def global_order(scores: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
@@ -80,3 +82,32 @@ def select_masks(
         keep[chosen[g][: size - widths[g]]] = False
         masks.append(keep)
     return masks
+
+
+def fill_to_target(
+    widths: Sequence[int],
+    scores: Sequence[torch.Tensor],
+    *,
+    macs: Callable[[Sequence[int]], int],
+    target_macs: float,
+    multiple: Sequence[int] | None = None,
+) -> list[int]:
+    """Widths grown back towards ``target_macs`` without crossing it. The channels ``widths`` removes are
+    taken as each group's lowest-scored ones; walking them from the highest score down, each group regains
+    ``multiple[g]`` channels at a time wherever the MACs still meet the target. Widths that already exceed
+    the target come back unchanged."""
+    sizes = [int(s.numel()) for s in scores]
+    multiple = [1] * len(scores) if multiple is None else [int(m) for m in multiple]
+    out = [int(w) for w in widths]
+    if macs(out) > target_macs:
+        return out
+    removed = [
+        (float(v), g)
+        for g, s in enumerate(scores)
+        for v in torch.sort(s.detach().to("cpu", torch.float64).flatten()).values[: sizes[g] - out[g]].tolist()
+    ]
+    for _, g in sorted(removed, key=lambda r: (-r[0], r[1])):
+        grown = out[g] + multiple[g]
+        if grown <= sizes[g] and macs([grown if i == g else w for i, w in enumerate(out)]) <= target_macs:
+            out[g] = grown
+    return out

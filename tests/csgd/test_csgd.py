@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from apps.csgd import CSGD, CSGDConfig, UnconvergedError, even_clusters, kmeans_clusters
+from apps.csgd.clusters import magnitude_scores, merge_costs
 from apps.engine.groups import widths_for_target
 from apps.engine.loop import fit
 from apps.engine.models import CifarResNet as PublishedResNet
@@ -49,6 +50,56 @@ def test_widths_meet_the_target_with_one_fraction_of_every_group():
     assert macs(widths) <= 0.5 * macs(sizes) and widths[1] % 2 == 0
     with pytest.raises(ValueError, match="out of reach"):
         widths_for_target(sizes, {0: 16, 1: 32}, {}, macs, 1.0)
+
+
+@given(st.integers(2, 24), st.integers(1, 12), st.floats(1e-3, 1e3), st.integers(0, 2**16))
+def test_merge_costs_ascend_price_duplicates_at_zero_and_ignore_scale(n, d, scale, seed):
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(n, d))
+    rows[: n // 2] = rows[0]  # n // 2 identical rows: n // 2 - 1 merges for free
+    costs = merge_costs(rows)
+    assert costs.shape == (n,) and np.isinf(costs[-1]) and np.all(np.diff(costs[:-1]) >= 0)
+    assert np.allclose(costs[: max(n // 2 - 1, 0)], 0.0, atol=1e-9)
+    assert np.allclose(merge_costs(rows * scale)[:-1], costs[:-1], rtol=1e-6, atol=1e-9)
+    assert np.allclose(magnitude_scores(rows * scale), magnitude_scores(rows))
+
+
+class _Chain(nn.Module):
+    """Three 3x3 convs with batch norms; the middle one's 16 filters are 4 distinct ones, each 4 times."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = nn.ModuleList([nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)])
+        self.convs.append(nn.Conv2d(16, 16, 3, padding=1))
+        self.bns = nn.ModuleList([nn.BatchNorm2d(16) for _ in range(3)])
+        self.fc = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.convs[1].weight.copy_(self.convs[1].weight[:4].repeat(4, 1, 1, 1))
+
+    def forward(self, x):
+        for conv, bn in zip(self.convs, self.bns):
+            x = bn(conv(x)).relu()
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("widths", ["redundancy", "magnitude", "uniform"])
+def test_widths_meet_the_target_and_redundancy_removes_duplicates_first(widths):
+    x = torch.randn(2, 3, 8, 8)
+    cs = CSGD(_Chain().eval(), x, CSGDConfig(flops_target=0.35, widths=widths))
+    by_producer = {g.producers[0].module: cs.widths[g.id] for g in cs.groups}
+    assert cs.graph.macs(cs.widths) <= 0.35 * cs.base_macs
+    if widths == "uniform":
+        assert len(set(by_producer.values())) == 1
+    if widths == "redundancy":  # the duplicated filters go first, down to the 4 distinct ones
+        assert by_producer["convs.1"] == 4 and by_producer["convs.0"] == by_producer["convs.2"] == 16
+    with pytest.raises(ValueError, match="out of reach"):
+        CSGD(_Chain().eval(), x, CSGDConfig(flops_target=0.001, widths=widths))
+
+
+def test_an_unknown_width_rule_is_refused():
+    with pytest.raises(ValueError, match="widths"):
+        CSGDConfig(widths="largest")
 
 
 def _loss_step(cs: CSGD, x: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apps.engine.selection import global_order, select_masks
+from apps.engine.selection import fill_to_target, global_order, select_masks
 from apps.resrep.config import ResRepConfig
 from apps.resrep.selection import channel_scores, mask_budget
 
@@ -85,6 +85,21 @@ def test_selection_invariants(problem):
             for c in m.nonzero().flatten().tolist():
                 if float(scores[g][c]) < top:
                     assert widths[g] == min_keep[g]
+
+
+@given(problems())
+def test_fill_grows_widths_up_to_the_target_and_no_further(problem):
+    scores, costs, min_keep, target, _ = problem
+    macs = additive_macs(costs)
+    masks = select_masks(scores, macs=macs, target_macs=target, min_keep=min_keep)
+    widths = [int(m.sum()) for m in masks]
+    grown = fill_to_target(widths, scores, macs=macs, target_macs=target)
+    if macs(widths) > target:  # out of reach: unchanged
+        assert grown == widths
+        return
+    assert macs(grown) <= target and all(w <= g <= s.numel() for w, g, s in zip(widths, grown, scores))
+    for g, s in enumerate(scores):  # maximal: no group can take one more channel
+        assert grown[g] == s.numel() or macs([w + (i == g) for i, w in enumerate(grown)]) > target
 
 
 def test_skipped_channels_do_not_consume_the_budget():
