@@ -19,7 +19,8 @@ from 0.02 to 0 over the iterations left:
   d  l1-oneshot       L1-norm filter ranking, normalised per group and ranked globally, one cut to T with
                       `reparam.graph.prune` at iteration 0, fine-tuning for all N iterations.
   e  csgd             C-SGD (`apps.csgd prune`): k-means clusters on every prunable group (residual groups
-                      sharing one clustering) as many as the widths that meet T, collapsed by the
+                      sharing one clustering), per group as many as the widths that meet T when the
+                      groups' filter merge costs are ranked across the network, collapsed by the
                       centripetal rule over the first 30% of N (its budget strength, Nesterov momentum, the
                       spec's bias lr x2), then the cosine; merged exactly at the end.
   f  sfp              SFP (`apps.sfp prune --method sfp`): the filters of the lowest L2 norm zeroed in every

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["even_clusters", "kmeans_clusters", "magnitude_scores", "merge_costs"]
+__all__ = ["even_clusters", "kmeans_clusters", "merge_costs"]
 
 
 def even_clusters(channels: int, clusters: int) -> list[list[int]]:
@@ -60,13 +60,6 @@ def merge_costs(features: np.ndarray) -> np.ndarray:
     scale = float(np.sqrt(np.mean(np.sum(rows * rows, axis=1)))) or 1.0
     heights = np.sort(linkage(rows, method="ward")[:, 2]) / scale
     return np.append(heights, np.inf)
-
-
-def magnitude_scores(features: np.ndarray) -> np.ndarray:
-    """Per channel (one row of `features` each): the L1 norm of its row divided by the group's mean, so that
-    one ranking across groups does not simply empty the layers of smallest fan-in."""
-    norms = np.abs(np.asarray(features, dtype=np.float64).reshape(features.shape[0], -1)).sum(1)
-    return norms / max(float(norms.mean()), np.finfo(np.float64).tiny)
 
 
 def _check(channels: int, clusters: int) -> None:

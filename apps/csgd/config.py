@@ -8,9 +8,10 @@ identical: after backward each clustered row's gradient becomes the cluster-mean
 channels, so all but one per cluster are removed exactly, the consumers summing the removed members'
 input slices; a residual-coupled group shares one clustering across all its producers.
 
-The target widths come from ``flops_target`` by ``widths``: where the group's filters are most alike
-(``redundancy``: every group's agglomerative merge costs ranked across the network) or one fraction of every
-candidate group's width (``uniform``, the spec's "×5/8 of all layers"). The paper's strength (3e-3) collapses a cluster by a factor
+The target widths come from ``flops_target`` by ``widths``: fewest clusters where the group's filters are
+most alike (``redundancy``: every group's agglomerative merge costs ranked across the network, the default)
+or one fraction of every candidate group's width (``uniform``, the spec's "×5/8 of all layers"). The
+paper's strength (3e-3) collapses a cluster by a factor
 ``(1 − lr·(η+ε)/(1 − μ))`` per step under momentum μ, ~1e-3 at lr 0.03: hundreds of epochs to reach float32
 precision. A run of N iterations therefore raises ε to what collapses the clusters by ``collapse_factor``
 within its first ``collapse_fraction`` (``centripetal_strength=None``, the default); a number fixes ε.
@@ -24,7 +25,7 @@ from typing import Literal
 
 Clustering = Literal["kmeans", "even"]
 Mode = Literal["residual", "paper"]
-Widths = Literal["redundancy", "magnitude", "uniform"]
+Widths = Literal["redundancy", "uniform"]
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,10 @@ class CSGDConfig:
     widths: Widths = "redundancy"
     """How ``flops_target`` becomes per-group widths. ``redundancy``: per group, the Ward merge heights of
     its filters (the cost of each further merge, relative to the group's RMS filter norm), ranked across
-    all groups and taken cheapest first until the MACs meet the target; ``magnitude``: the filters' L1
-    norms relative to their group's mean, ranked the same way; ``uniform``: one fraction of every group's
-    width, the largest whose MACs meet the target (the spec's per-layer fractions)."""
+    all groups and taken cheapest first until the MACs meet the target, then the dearest removed channels
+    that still fit given back (measured on ResNet-20, 8 epochs: 85.82% against 85.45% for filter L1 norms
+    ranked the same way and 85.28% for ``uniform``); ``uniform``: one fraction of every group's width,
+    the largest whose MACs meet the target (the spec's per-layer fractions, for reproduction)."""
     lr: float = 0.03
     """Base learning rate of the SGD C-SGD builds."""
     momentum: float = 0.9
@@ -85,7 +87,7 @@ class CSGDConfig:
         for name, allowed in (
             ("mode", ("residual", "paper")),
             ("clustering", ("kmeans", "even")),
-            ("widths", ("redundancy", "magnitude", "uniform")),
+            ("widths", ("redundancy", "uniform")),
             ("on_unconverged", ("raise", "warn")),
         ):
             if getattr(self, name) not in allowed:

@@ -30,7 +30,7 @@ from reparam.verify import relative_error
 
 from ..engine.groups import candidate_groups, widths_for_target
 from ..engine.selection import fill_to_target, select_masks
-from .clusters import even_clusters, kmeans_clusters, magnitude_scores, merge_costs
+from .clusters import even_clusters, kmeans_clusters, merge_costs
 from .config import CSGDConfig
 
 __all__ = ["CSGD", "ClusterMergeReport", "UnconvergedError"]
@@ -204,23 +204,12 @@ class CSGD:
         if self.config.widths == "uniform":
             sizes, multiple = {g.id: g.size for g in self.groups}, {g.id: g.multiple for g in self.groups}
             return widths_for_target(sizes, minimum, multiple, lambda w: self.graph.macs(w), target)
-        score = merge_costs if self.config.widths == "redundancy" else magnitude_scores
-        ids = [g.id for g in self.groups]
-        scores = [torch.as_tensor(score(self._features(g))) for g in self.groups]
-        masks = select_masks(
-            scores,
-            macs=lambda w: self.graph.macs(dict(zip(ids, w))),
-            target_macs=target,
-            min_keep=[minimum[i] for i in ids],
-            multiple=[g.multiple for g in self.groups],
-        )
-        grown = fill_to_target(
-            [int(m.sum()) for m in masks],
-            scores,
-            macs=lambda w: self.graph.macs(dict(zip(ids, w))),
-            target_macs=target,
-            multiple=[g.multiple for g in self.groups],
-        )
+        ids, multiple = [g.id for g in self.groups], [g.multiple for g in self.groups]
+        scores = [torch.as_tensor(merge_costs(self._features(g))) for g in self.groups]
+        macs = lambda w: self.graph.macs(dict(zip(ids, w)))  # noqa: E731
+        minimum_widths = [minimum[i] for i in ids]
+        masks = select_masks(scores, macs=macs, target_macs=target, min_keep=minimum_widths, multiple=multiple)
+        grown = fill_to_target([int(m.sum()) for m in masks], scores, macs=macs, target_macs=target, multiple=multiple)
         widths = dict(zip(ids, grown))
         if self.graph.macs(widths) > target:
             raise ValueError(
