@@ -139,8 +139,11 @@ class CSGD:
                 f"(why, per group id: {dict(list(self.skipped.items())[:8])})"
             )
         self.base_macs = int(self.graph.macs())
-        self.widths = self._target_widths()
-        self.clusters: dict[int, list[list[int]]] = {g.id: self._cluster(g, self.widths[g.id]) for g in self.groups}
+        features = {g.id: self._features(g) for g in self.groups}
+        self.widths = self._target_widths(features)
+        self.clusters: dict[int, list[list[int]]] = {
+            g.id: self._cluster(g, self.widths[g.id], features[g.id]) for g in self.groups
+        }
         self.strength = self.config.strength(total_iters)  # the largest ε of the run (`current_strength` now)
         self.iteration = -1
         self.spread_log: list[tuple[int, float]] = []  # (iterations done, spread), see `after_step`
@@ -197,15 +200,16 @@ class CSGD:
     def _min_keep(self, group: ChannelGroup) -> int:
         return min(group.size, max(self.config.num_at_least, group.min_channels))
 
-    def _target_widths(self) -> dict[int, int]:
-        """Per group, its number of clusters: the widths that meet ``flops_target`` by ``config.widths``."""
+    def _target_widths(self, features: dict[int, np.ndarray]) -> dict[int, int]:
+        """Per group, its number of clusters: the widths that meet ``flops_target`` by ``config.widths``
+        (``features``: each group's `_features`)."""
         target = self.config.flops_target * self.base_macs
         minimum = {g.id: self._min_keep(g) for g in self.groups}
         if self.config.widths == "uniform":
             sizes, multiple = {g.id: g.size for g in self.groups}, {g.id: g.multiple for g in self.groups}
             return widths_for_target(sizes, minimum, multiple, lambda w: self.graph.macs(w), target)
         ids, multiple = [g.id for g in self.groups], [g.multiple for g in self.groups]
-        scores = [torch.as_tensor(merge_costs(self._features(g))) for g in self.groups]
+        scores = [torch.as_tensor(merge_costs(features[i])) for i in ids]
         macs = lambda w: self.graph.macs(dict(zip(ids, w)))  # noqa: E731
         minimum_widths = [minimum[i] for i in ids]
         masks = select_masks(scores, macs=macs, target_macs=target, min_keep=minimum_widths, multiple=multiple)
@@ -233,10 +237,10 @@ class CSGD:
             rows.append(by_channel)
         return np.concatenate(rows, axis=1)
 
-    def _cluster(self, group: ChannelGroup, k: int) -> list[list[int]]:
+    def _cluster(self, group: ChannelGroup, k: int, features: np.ndarray) -> list[list[int]]:
         if self.config.clustering == "even" or k == group.size:
             return even_clusters(group.size, k)
-        return kmeans_clusters(self._features(group), k, seed=self.config.cluster_seed)
+        return kmeans_clusters(features, k, seed=self.config.cluster_seed)
 
     def _index(self) -> None:
         """Index tensors for the gradient rule and the merge, from ``self.clusters``."""
