@@ -4,7 +4,7 @@ C-SGD fixes, per prunable channel group, clusters of channels (k-means on the fi
 indices) whose number is the group's target width, then trains every cluster's filters to become
 identical: after backward each clustered row's gradient becomes the cluster-mean task gradient plus
 ``weight_decay`` · W plus ``centripetal_strength`` · (W − cluster mean) (the norm's γ/β and biases with
-``vector_strength_factor`` · ε and no decay). Identical filters with identical norms emit identical
+``vector_strength_factor`` · ε, or their own budget ε, and no decay). Identical filters with identical norms emit identical
 channels, so all but one per cluster are removed exactly, the consumers summing the removed members'
 input slices; a residual-coupled group shares one clustering across all its producers.
 
@@ -68,7 +68,8 @@ class CSGDConfig:
     the clusters merge gradually over the collapse instead of in its first few percent (0: constant ε
     from the first step, as the paper)."""
     vector_strength_factor: float = 0.1
-    """Factor of ε on the norm's γ/β and on biases (the paper's 0.1)."""
+    """Factor of a fixed ε on the norm's γ/β and on biases (the paper's 0.1); the budget rule solves their
+    own ε instead (`vector_strength`)."""
     spread_every: int = 100
     """Iterations between two records of the within-cluster spread (``spread_log`` in the summary; 0: only
     the per-epoch column of ``log.csv``)."""
@@ -116,23 +117,38 @@ class CSGDConfig:
             raise ValueError(f"num_at_least must be a positive integer, got {self.num_at_least!r}")
 
     def strength(self, total_iters: int | None) -> float:
-        """The largest ε of a run of `total_iters`: the configured one, or the budget rule's: the ε whose
-        contraction of the within-cluster differences under this optimizer (SGD, Nesterov momentum μ, lr
-        constant while collapsing, see `collapse_rate`), ramped by `ramp`, shrinks them by
+        """The largest ε of a run of `total_iters` on kernels: the configured one, or the budget rule's:
+        the ε whose contraction of the within-cluster differences under this optimizer (SGD, Nesterov
+        momentum μ, lr constant while collapsing, see `collapse_rate`), ramped by `ramp`, shrinks them by
         ``collapse_factor`` over ``collapse_fraction`` of the run; at least the paper's 3e-3 and at most
         ``0.05 / lr`` (a step then moves a member at most 5% of the way to its cluster mean, which keeps the
         momentum iteration stable). A run too short for that cap collapses later than planned (at μ = 0.9
         the fastest constant collapse takes ~270 iterations)."""
         if self.centripetal_strength is not None:
             return float(self.centripetal_strength)
+        return self._budget_strength(total_iters, self.lr, self.weight_decay)
+
+    def vector_strength(self, total_iters: int | None) -> float:
+        """The largest ε of a run on the norm's γ/β and on biases: ``vector_strength_factor`` times a
+        configured ε (the paper's rule), or under the budget rule their own solved ε for the same collapse
+        at their learning rate (``bias_lr_factor`` x lr, no decay). The factor alone would shrink their
+        differences by only ``collapse_factor ** (factor / bias_lr_factor)``-ish over the window, leaving
+        the merge to the decaying tail of the run (measured on ResNet-20: spread 0.14 where 1e-9 was
+        planned) or to no time at all."""
+        if self.centripetal_strength is not None:
+            return self.vector_strength_factor * float(self.centripetal_strength)
+        return self._budget_strength(total_iters, self.lr * self.bias_lr_factor, 0.0)
+
+    def _budget_strength(self, total_iters: int | None, lr: float, decay: float) -> float:
+        """The budget rule's largest ε for rows trained at ``lr`` with L2 ``decay`` inside the rule."""
         if not total_iters:
             return 3e-3
         steps = self.collapse_fraction * total_iters
         needed = math.log(1.0 / self.collapse_factor)
         shape = [((k + 0.5) / 256) ** self.collapse_ramp for k in range(256)]  # midpoints of the ramp
+        eta = lr * decay
 
         def shrink(h_max: float) -> float:  # ln of the total contraction over the collapse
-            eta = self.lr * self.weight_decay
             return steps * sum(collapse_rate(eta + (h_max - eta) * f, self.momentum) for f in shape) / len(shape)
 
         lo, hi = 0.0, 0.05  # bisect h = lr·(η + ε_max): the contraction is increasing in h on [0, 0.05]
@@ -140,7 +156,7 @@ class CSGDConfig:
             for _ in range(50):
                 mid = 0.5 * (lo + hi)
                 lo, hi = (mid, hi) if shrink(mid) < needed else (lo, mid)
-        return min(0.05 / self.lr, max(3e-3, hi / self.lr - self.weight_decay))
+        return min(0.05 / lr, max(3e-3, hi / lr - decay))
 
     def ramp(self, iteration: int, total_iters: int | None) -> float:
         """The fraction of `strength` that step `iteration` (0-based) applies: the budget rule's

@@ -145,6 +145,7 @@ class CSGD:
             g.id: self._cluster(g, self.widths[g.id], features[g.id]) for g in self.groups
         }
         self.strength = self.config.strength(total_iters)  # the largest ε of the run (`current_strength` now)
+        self.vector_strength = self.config.vector_strength(total_iters)  # the same for γ/β and biases
         self.iteration = -1
         self.spread_log: list[tuple[int, float]] = []  # (iterations done, spread), see `after_step`
         self._index()
@@ -313,13 +314,15 @@ class CSGD:
     @torch.no_grad()
     def after_backward(self) -> None:
         """The centripetal rule on every output-side row: ``g̃ = mean_H(g) + η·W + ε·(W − mean_H(W))``
-        for kernels, ``mean_H(g) + f·ε·(v − mean_H(v))`` for vectors (f = ``vector_strength_factor``)."""
-        cfg, now = self.config, self.current_strength
+        for kernels, ``mean_H(g) + ε_v·(v − mean_H(v))`` for vectors (`CSGDConfig.vector_strength`), both
+        ramped alike."""
+        cfg, ramp = self.config, self.config.ramp(self.iteration + 1, self.plan_iters)
+        now, now_vector = self.strength * ramp, self.vector_strength * ramp
         for name, p in self.centripetal.items():
             if p.grad is None:
                 continue
             kernel = p.ndim > 1
-            eta, eps = (cfg.weight_decay, now) if kernel else (0.0, cfg.vector_strength_factor * now)
+            eta, eps = (cfg.weight_decay, now) if kernel else (0.0, now_vector)
             updates = []
             for s in self._slices[name]:
                 g = p.grad.index_select(0, s.rows).reshape(len(s.rows), -1)

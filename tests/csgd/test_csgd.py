@@ -203,7 +203,12 @@ def test_the_budget_strength_collapses_the_clusters_on_its_timeline(momentum, ra
     x = torch.randn(shape, dtype=torch.float64)  # float64: float32 cannot resolve a 1e-9 collapse
     total = 6000  # long enough that the ramp's last steps need no more than the cap
     cfg = CSGDConfig(flops_target=0.5, momentum=momentum, weight_decay=0.0, lr=0.02, collapse_ramp=ramp, spread_every=0)
-    cs = CSGD(cls().double(), x, cfg, total_iters=total)
+    model = cls().double()
+    with torch.no_grad():  # trained-looking norms: γ/β differ within every cluster and must collapse too
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0.0, 0.5)
+    cs = CSGD(model, x, cfg, total_iters=total)
     opt, start = cs.optimizer(), cs.spread()
     planned = int(cfg.collapse_fraction * total)
     log = {}
