@@ -26,6 +26,8 @@ from typing import Literal
 Clustering = Literal["kmeans", "even"]
 Mode = Literal["residual", "paper"]
 Widths = Literal["redundancy", "uniform"]
+Features = Literal["kernel", "response"]
+ClusterGradient = Literal["mean", "sum"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,18 @@ class CSGDConfig:
     that still fit given back (measured on ResNet-20, 8 epochs: 85.82% against 85.45% for filter L1 norms
     ranked the same way and 85.28% for ``uniform``); ``uniform``: one fraction of every group's width,
     the largest whose MACs meet the target (the spec's per-layer fractions, for reproduction)."""
+    features: Features = "kernel"
+    """The space channels are compared in, by the clustering and by ``redundancy`` widths. ``kernel``: the
+    producers' kernels reshaped to out x in·k·k, side by side (the spec's); ``response``: each producer's
+    kernel row and bias as its norm applies them, (γ/σ)·W and β + (γ/σ)·(b − μ), i.e. the affine map the
+    channel emits, so filters that differ only by a scale the norm removes count as alike and the norm's
+    own differences count too."""
+    cluster_gradient: ClusterGradient = "mean"
+    """The task gradient of a clustered row: ``mean``, the cluster-mean gradient (the spec's); ``sum``, the
+    cluster's summed gradient, with every consumer column that reads a cluster of k channels at 1/k of its
+    gradient. Once a cluster has collapsed, the model then trains exactly as the merged narrow model would
+    under the same optimizer, where with ``mean`` a cluster of k learns k times slower in its producers
+    and k times faster in the sum of its consumer columns."""
     lr: float = 0.03
     """Base learning rate of the SGD C-SGD builds."""
     momentum: float = 0.9
@@ -89,6 +103,8 @@ class CSGDConfig:
             ("mode", ("residual", "paper")),
             ("clustering", ("kmeans", "even")),
             ("widths", ("redundancy", "uniform")),
+            ("features", ("kernel", "response")),
+            ("cluster_gradient", ("mean", "sum")),
             ("on_unconverged", ("raise", "warn")),
         ):
             if getattr(self, name) not in allowed:

@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from reparam.graph import ChannelGroup, Member, prune, trace
+from reparam.graph.channel_graph import Producer
 from reparam.graph.tracing import as_tuple
 from reparam.verify import relative_error
 
@@ -86,6 +87,14 @@ class _Columns:
     name: str
     columns: Tensor
     target: Tensor  # for each column, the local index of its kept member's column (same offset)
+    share: Tensor  # for each column, 1 / the size of its channel's cluster
+
+
+def _by_channel(rows: Tensor, member: Member, channels: int) -> np.ndarray:
+    """``rows`` (one per position of ``member``'s tensor) rearranged to one per channel of its group."""
+    out = np.zeros((channels, rows.shape[1]))
+    out[np.asarray(member.channels)] = rows.double().cpu().numpy()[np.asarray(member.positions)]
+    return out
 
 
 def _mapping(member: Member, cluster_of: np.ndarray, keep_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,19 +233,38 @@ class CSGD:
         return widths
 
     def _features(self, group: ChannelGroup) -> np.ndarray:
-        """One row per channel of ``group``: the kernels of its producers (reshaped to out x in·k·k), side by
-        side (the spec's clustering space; a residual group concatenates its producers')."""
+        """One row per channel of ``group``, its producers' side by side (a residual group concatenates
+        them): their kernels reshaped to out x in·k·k (``features="kernel"``, the spec's clustering space),
+        or with ``features="response"`` each kernel row times γ/σ of the norm after it, followed by the
+        channel's offset β + (γ/σ)·(b − μ)."""
+        if self.config.features == "response":
+            return np.concatenate([self._response(p, group.size) for p in group.producers], axis=1)
         state = dict(self.model.named_parameters())
         rows = []
         for m in self._sides(group)[0]:
             tensor = state.get(m.name)
             if tensor is None or tensor.ndim < 2:
                 continue  # kernels only (spec: the layer's kernel reshaped to out x in·k·k)
-            by_channel = np.zeros((group.size, int(np.prod(tensor.shape[1:]))))
-            block = tensor.detach().double().cpu().reshape(tensor.shape[0], -1).numpy()
-            by_channel[np.asarray(m.channels)] = block[np.asarray(m.positions)]
-            rows.append(by_channel)
+            rows.append(_by_channel(tensor.detach().reshape(tensor.shape[0], -1), m, group.size))
         return np.concatenate(rows, axis=1)
+
+    def _response(self, producer: Producer, channels: int) -> np.ndarray:
+        """The affine map each row of ``producer`` emits after its norm, [(γ/σ)·W | β + (γ/σ)·(b − μ)]."""
+        layer = self.model.get_submodule(producer.module)
+        weight = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+        bias = layer.bias.detach().double() if getattr(layer, "bias", None) is not None else torch.zeros_like(weight[:, 0])
+        scale, shift = torch.ones_like(bias), torch.zeros_like(bias)
+        norm = self.model.get_submodule(producer.norm) if producer.norm is not None else None
+        if isinstance(norm, _BatchNorm):
+            if norm.weight is not None:
+                scale = norm.weight.detach().double()
+            if norm.bias is not None:
+                shift = norm.bias.detach().double()
+            if norm.running_var is not None:
+                scale = scale / (norm.running_var.detach().double() + norm.eps).sqrt()
+                bias = bias - norm.running_mean.detach().double()
+        emitted = torch.cat([scale[:, None] * weight, (shift + scale * bias)[:, None]], dim=1)
+        return _by_channel(emitted, producer.member, channels)
 
     def _cluster(self, group: ChannelGroup, k: int, features: np.ndarray) -> list[list[int]]:
         if self.config.clustering == "even" or k == group.size:
@@ -265,9 +293,10 @@ class CSGD:
                 _, source = _mapping(m, cluster_of, keep_of)
                 local = {int(p): i for i, p in enumerate(np.asarray(m.positions).tolist())}
                 target = torch.as_tensor([local[int(s)] for s in source], dtype=torch.long, device=device)
-                self._columns.append(
-                    _Columns(m.name, torch.as_tensor(m.positions, dtype=torch.long, device=device), target)
-                )
+                sizes = np.bincount(cluster_of)[cluster_of[np.asarray(m.channels)]]
+                share = torch.as_tensor(1.0 / sizes, device=device)
+                columns = torch.as_tensor(m.positions, dtype=torch.long, device=device)
+                self._columns.append(_Columns(m.name, columns, target, share))
         params = dict(self.model.named_parameters())
         self.centripetal: dict[str, nn.Parameter] = {n: params[n] for n in self._slices if n in params}
 
@@ -313,11 +342,20 @@ class CSGD:
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        """The centripetal rule on every output-side row: ``g̃ = mean_H(g) + η·W + ε·(W − mean_H(W))``
-        for kernels, ``mean_H(g) + ε_v·(v − mean_H(v))`` for vectors (`CSGDConfig.vector_strength`), both
-        ramped alike."""
+        """The centripetal rule on every output-side row: ``g̃ = G_H(g) + η·W + ε·(W − mean_H(W))`` for
+        kernels, ``G_H(g) + ε_v·(v − mean_H(v))`` for vectors (`CSGDConfig.vector_strength`), both ramped
+        alike; ``G_H`` is the cluster's mean task gradient, or its sum with ``cluster_gradient="sum"``,
+        which also gives every consumer column that reads a cluster of k channels 1/k of its gradient."""
         cfg, ramp = self.config, self.config.ramp(self.iteration + 1, self.plan_iters)
         now, now_vector = self.strength * ramp, self.vector_strength * ramp
+        summed = cfg.cluster_gradient == "sum"
+        if summed:
+            params = dict(self.model.named_parameters())
+            for c in self._columns:
+                grad = params[c.name].grad
+                if grad is not None:
+                    shape = (1, -1) + (1,) * (grad.ndim - 2)
+                    grad.index_copy_(1, c.columns, grad.index_select(1, c.columns) * c.share.to(grad.dtype).view(shape))
         for name, p in self.centripetal.items():
             if p.grad is None:
                 continue
@@ -327,14 +365,15 @@ class CSGD:
             for s in self._slices[name]:
                 g = p.grad.index_select(0, s.rows).reshape(len(s.rows), -1)
                 w = p.index_select(0, s.rows).reshape(len(s.rows), -1)
-                mean_g, mean_w = (
+                sum_g, sum_w = (
                     torch.zeros((s.count.numel(), g.shape[1]), dtype=g.dtype, device=g.device).index_add_(
                         0, s.cluster, t
                     )
-                    / s.count.to(g.dtype)[:, None]
                     for t in (g, w)
                 )
-                updates.append((s.rows, mean_g[s.cluster] + eta * w + eps * (w - mean_w[s.cluster])))
+                task = sum_g if summed else sum_g / s.count.to(g.dtype)[:, None]
+                mean_w = sum_w / s.count.to(g.dtype)[:, None]
+                updates.append((s.rows, task[s.cluster] + eta * w + eps * (w - mean_w[s.cluster])))
             if eta:
                 p.grad.add_(p, alpha=eta)  # rows outside every clustered group: plain weight decay
             for rows, new in updates:

@@ -264,3 +264,47 @@ def test_a_group_that_cannot_be_clustered_says_why():
     assert any("GroupNorm, which C-SGD cannot make channel-wise identical" in r for r in cs.skipped.values())
     with pytest.raises(ValueError, match="flops_target must lie in"):
         CSGDConfig(flops_target=1.5)
+
+
+def _narrow_optimizer(model: nn.Module, cfg: CSGDConfig) -> torch.optim.SGD:
+    """The optimizer C-SGD's groups give a plain model: kernels with decay η, vectors at the bias factor."""
+    kernels = [p for p in model.parameters() if p.ndim > 1]
+    vectors = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": kernels, "weight_decay": cfg.weight_decay},
+        {"params": vectors, "weight_decay": 0.0, "lr": cfg.lr * cfg.bias_lr_factor},
+    ]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+@pytest.mark.parametrize("net", ["chain", "resnet20"])
+@pytest.mark.parametrize("rule", ["sum", "mean"])
+def test_collapsed_clusters_with_the_summed_gradient_train_as_the_merged_model(net, rule):
+    """Collapsed clusters under ``cluster_gradient="sum"`` take the steps the narrow model takes (training-
+    mode norms, momentum, decay inside and outside the rule); the spec's mean gradient does not."""
+    torch.manual_seed(0)
+    model = (_Chain() if net == "chain" else PublishedResNet(depth=20)).double().train()
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    cfg = CSGDConfig(flops_target=0.5, clustering="even", cluster_gradient=rule, centripetal_strength=0.1, lr=0.05)
+    cs = CSGD(model, x, cfg)
+    _identical_clusters(cs)
+    narrow, _ = cs.convert(x)
+    narrow.train()
+    wide_opt, narrow_opt = cs.optimizer(), _narrow_optimizer(narrow, cfg)
+    for step in range(3):
+        batch = torch.randn(8, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        _loss_step(cs, batch)
+        cs.after_backward()
+        wide_opt.step()
+        narrow.zero_grad(set_to_none=True)
+        narrow(batch).square().mean().backward()
+        narrow_opt.step()
+    merged, report = cs.convert(x)
+    assert report.spread <= 1e-12  # the rule keeps collapsed clusters collapsed either way
+    with torch.no_grad():
+        y, z = merged.eval()(x), narrow.eval()(x)
+    error = float((y - z).abs().max() / z.abs().max())
+    if rule == "sum":
+        assert error <= 1e-10
+    else:
+        assert error > 1e-4
