@@ -23,9 +23,12 @@ def even_clusters(channels: int, clusters: int) -> list[list[int]]:
     return out
 
 
-def kmeans_clusters(features: np.ndarray, clusters: int, seed: int = 0) -> list[list[int]]:
-    """k-means (scikit-learn, k-means++ init, `seed`) of the rows of `features` (one per channel) into
-    `clusters` non-empty clusters, each listed in increasing channel order, ordered by first member."""
+def kmeans_clusters(
+    features: np.ndarray, clusters: int, seed: int = 0, weights: np.ndarray | None = None
+) -> list[list[int]]:
+    """k-means (scikit-learn, k-means++ init, `seed`, rows weighted by `weights` if given) of the rows of
+    `features` (one per channel) into `clusters` non-empty clusters, each listed in increasing channel
+    order, ordered by first member."""
     channels = features.shape[0]
     _check(channels, clusters)
     if clusters == channels:
@@ -36,7 +39,7 @@ def kmeans_clusters(features: np.ndarray, clusters: int, seed: int = 0) -> list[
     rows = np.asarray(features, dtype=np.float64).reshape(channels, -1)
     with warnings.catch_warnings():  # fewer distinct rows than clusters: the empty ones are split below
         warnings.simplefilter("ignore", ConvergenceWarning)
-        labels = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit_predict(rows)
+        labels = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit_predict(rows, sample_weight=weights)
     found = [sorted(np.flatnonzero(labels == c).tolist()) for c in range(clusters)]
     found = [c for c in found if c]
     while len(found) < clusters:  # identical rows can leave clusters empty: split the largest

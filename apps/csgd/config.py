@@ -28,6 +28,7 @@ Mode = Literal["residual", "paper"]
 Widths = Literal["redundancy", "uniform"]
 Features = Literal["kernel", "response"]
 ClusterGradient = Literal["mean", "sum"]
+Center = Literal["mean", "importance"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class CSGDConfig:
     gradient. Once a cluster has collapsed, the model then trains exactly as the merged narrow model would
     under the same optimizer, where with ``mean`` a cluster of k learns k times slower in its producers
     and k times faster in the sum of its consumer columns."""
+    center: Center = "mean"
+    """The point every cluster collapses to: ``mean``, its members' mean (the spec's); ``importance``, their
+    mean weighted by each channel's importance a_c = Σ_consumers ‖C[:, c]‖² · mean_producers (γ_c/σ_c)²
+    (the energy of what the channel contributes downstream, at the start), so the channels that matter
+    move least; the k-means then weights its members alike."""
     lr: float = 0.03
     """Base learning rate of the SGD C-SGD builds."""
     momentum: float = 0.9
@@ -103,6 +109,7 @@ class CSGDConfig:
             ("mode", ("residual", "paper")),
             ("clustering", ("kmeans", "even")),
             ("widths", ("redundancy", "uniform")),
+            ("center", ("mean", "importance")),
             ("features", ("kernel", "response")),
             ("cluster_gradient", ("mean", "sum")),
             ("on_unconverged", ("raise", "warn")),

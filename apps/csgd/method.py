@@ -78,6 +78,8 @@ class _Slice:
     cluster: Tensor  # bucket of each position: (cluster, offset within its channel), see `_mapping`
     count: Tensor  # positions per bucket (at least 1)
     source: Tensor  # for each position, the position of its cluster's kept member (same offset)
+    weight: Tensor  # each position's weight in its cluster's center (`CSGDConfig.center`)
+    mass: Tensor  # the weights' sum per bucket
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,9 @@ class CSGD:
             )
         self.base_macs = int(self.graph.macs())
         features = {g.id: self._features(g) for g in self.groups}
+        self.importance = {
+            g.id: self._importance(g) if self.config.center == "importance" else np.ones(g.size) for g in self.groups
+        }
         self.widths = self._target_widths(features)
         self.clusters: dict[int, list[list[int]]] = {
             g.id: self._cluster(g, self.widths[g.id], features[g.id]) for g in self.groups
@@ -248,6 +253,28 @@ class CSGD:
             rows.append(_by_channel(tensor.detach().reshape(tensor.shape[0], -1), m, group.size))
         return np.concatenate(rows, axis=1)
 
+    def _importance(self, group: ChannelGroup) -> np.ndarray:
+        """Per channel, Σ_consumers ‖C[:, c]‖² · mean_producers (γ_c/σ_c)² (see `CSGDConfig.center`),
+        normalised to mean 1 over the group and floored at 1e-6 of it."""
+        state = dict(self.model.named_parameters())
+        energy = np.zeros(group.size)
+        for m in self._sides(group)[1]:
+            w = state[m.name].detach().double().transpose(0, 1).reshape(state[m.name].shape[1], -1)
+            np.add.at(energy, np.asarray(m.channels), (w * w).sum(1).cpu().numpy()[np.asarray(m.positions)])
+        gain, count = np.zeros(group.size), np.zeros(group.size)
+        for p in group.producers:
+            norm = self.model.get_submodule(p.norm) if p.norm is not None else None
+            rows = np.ones(self.model.get_submodule(p.module).weight.shape[0])
+            if isinstance(norm, _BatchNorm) and norm.weight is not None:
+                rows = norm.weight.detach().double().cpu().numpy() ** 2
+                if norm.running_var is not None:
+                    rows = rows / (norm.running_var.detach().double().cpu().numpy() + norm.eps)
+            np.add.at(gain, np.asarray(p.member.channels), rows[np.asarray(p.member.positions)])
+            np.add.at(count, np.asarray(p.member.channels), 1.0)
+        score = energy * gain / np.maximum(count, 1.0)
+        score = score / (score.mean() or 1.0)
+        return np.maximum(score, 1e-6)
+
     def _response(self, producer: Producer, channels: int) -> np.ndarray:
         """The affine map each row of ``producer`` emits after its norm, [(γ/σ)·W | β + (γ/σ)·(b − μ)]."""
         layer = self.model.get_submodule(producer.module)
@@ -269,7 +296,8 @@ class CSGD:
     def _cluster(self, group: ChannelGroup, k: int, features: np.ndarray) -> list[list[int]]:
         if self.config.clustering == "even" or k == group.size:
             return even_clusters(group.size, k)
-        return kmeans_clusters(features, k, seed=self.config.cluster_seed)
+        weights = self.importance[group.id] if self.config.center == "importance" else None
+        return kmeans_clusters(features, k, seed=self.config.cluster_seed, weights=weights)
 
     def _index(self) -> None:
         """Index tensors for the gradient rule and the merge, from ``self.clusters``."""
@@ -286,8 +314,12 @@ class CSGD:
                 bucket, source = _mapping(m, cluster_of, keep_of)
                 as_t = lambda a: torch.as_tensor(a, dtype=torch.long, device=device)  # noqa: E731
                 counts = as_t(np.maximum(np.bincount(bucket), 1))
+                weight = self.importance[group.id][np.asarray(m.channels)]
+                mass = np.bincount(bucket, weights=weight, minlength=len(counts))
+                mass = np.where(mass > 0, mass, 1.0)
+                as_f = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
                 self._slices.setdefault(m.name, []).append(
-                    _Slice(m.name, as_t(m.positions), as_t(bucket), counts, as_t(source))
+                    _Slice(m.name, as_t(m.positions), as_t(bucket), counts, as_t(source), as_f(weight), as_f(mass))
                 )
             for m in in_side:
                 _, source = _mapping(m, cluster_of, keep_of)
@@ -365,14 +397,15 @@ class CSGD:
             for s in self._slices[name]:
                 g = p.grad.index_select(0, s.rows).reshape(len(s.rows), -1)
                 w = p.index_select(0, s.rows).reshape(len(s.rows), -1)
+                weight = s.weight.to(g.dtype)[:, None]
                 sum_g, sum_w = (
                     torch.zeros((s.count.numel(), g.shape[1]), dtype=g.dtype, device=g.device).index_add_(
                         0, s.cluster, t
                     )
-                    for t in (g, w)
+                    for t in (g, weight * w)
                 )
                 task = sum_g if summed else sum_g / s.count.to(g.dtype)[:, None]
-                mean_w = sum_w / s.count.to(g.dtype)[:, None]
+                mean_w = sum_w / s.mass.to(g.dtype)[:, None]
                 updates.append((s.rows, task[s.cluster] + eta * w + eps * (w - mean_w[s.cluster])))
             if eta:
                 p.grad.add_(p, alpha=eta)  # rows outside every clustered group: plain weight decay

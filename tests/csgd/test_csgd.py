@@ -308,3 +308,35 @@ def test_collapsed_clusters_with_the_summed_gradient_train_as_the_merged_model(n
         assert error <= 1e-10
     else:
         assert error > 1e-4
+
+
+@given(st.floats(0.1, 10.0), st.integers(0, 2**16))
+def test_response_features_are_the_affine_map_each_channel_emits(scale, seed):
+    """``features="response"``: a channel's row applied to the input is its norm's output, so a filter and
+    its positive multiple (with the statistics it would have) look alike, where raw kernels do not."""
+    torch.manual_seed(seed)
+    model = _Chain().double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in model.bns:
+            bn.running_mean.normal_(generator=gen)
+            bn.running_var.uniform_(0.5, 2.0, generator=gen)
+            bn.weight.normal_(generator=gen)
+            bn.bias.normal_(generator=gen)
+        conv, bn = model.convs[0], model.bns[0]  # channel 1 := channel 0 scaled, with matching statistics
+        conv.weight[1], conv.bias[1] = scale * conv.weight[0], scale * conv.bias[0]
+        bn.running_mean[1] = scale * bn.running_mean[0]
+        bn.running_var[1] = scale**2 * (bn.running_var[0] + bn.eps) - bn.eps
+        bn.weight[1], bn.bias[1] = bn.weight[0], bn.bias[0]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    response = CSGD(model, x, CSGDConfig(flops_target=0.6, features="response"))
+    kernel = CSGD(model, x, CSGDConfig(flops_target=0.6, features="kernel"))
+    group = next(g for g in response.groups if g.producers[0].module == "convs.0")
+    rows = torch.as_tensor(response._features(group))
+    weight = rows[:, :-1].reshape(model.convs[0].weight.shape)
+    emitted = nn.functional.conv2d(x, weight, rows[:, -1], padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(emitted, model.bns[0](model.convs[0](x)), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rows[1], rows[0], rtol=1e-9, atol=1e-9)
+    raw = kernel._features(next(g for g in kernel.groups if g.producers[0].module == "convs.0"))
+    assert scale == pytest.approx(1.0, abs=1e-3) or not np.allclose(raw[1], raw[0])
