@@ -3,7 +3,8 @@
 C-SGD fixes, per prunable channel group, clusters of channels (k-means on the filters, or even runs of
 indices) whose number is the group's target width, then trains every cluster's filters to become
 identical: after backward each clustered row's gradient becomes the cluster-mean task gradient plus
-``weight_decay`` · W plus ``centripetal_strength`` · (W − cluster mean) (the norm's γ/β and biases with
+``weight_decay`` · W plus ``centripetal_strength`` · (W − cluster center), the center being the
+importance-weighted mean (``center``, default) or the plain mean (the spec's) (the norm's γ/β and biases with
 ``vector_strength_factor`` · ε, or their own budget ε, and no decay). Identical filters with identical norms emit identical
 channels, so all but one per cluster are removed exactly, the consumers summing the removed members'
 input slices; a residual-coupled group shares one clustering across all its producers.
@@ -26,7 +27,6 @@ from typing import Literal
 Clustering = Literal["kmeans", "even"]
 Mode = Literal["residual", "paper"]
 Widths = Literal["redundancy", "uniform"]
-Features = Literal["kernel", "response"]
 ClusterGradient = Literal["mean", "sum"]
 Center = Literal["mean", "importance"]
 
@@ -52,23 +52,19 @@ class CSGDConfig:
     that still fit given back (measured on ResNet-20, 8 epochs: 85.82% against 85.45% for filter L1 norms
     ranked the same way and 85.28% for ``uniform``); ``uniform``: one fraction of every group's width,
     the largest whose MACs meet the target (the spec's per-layer fractions, for reproduction)."""
-    features: Features = "kernel"
-    """The space channels are compared in, by the clustering and by ``redundancy`` widths. ``kernel``: the
-    producers' kernels reshaped to out x in·k·k, side by side (the spec's); ``response``: each producer's
-    kernel row and bias as its norm applies them, (γ/σ)·W and β + (γ/σ)·(b − μ), i.e. the affine map the
-    channel emits, so filters that differ only by a scale the norm removes count as alike and the norm's
-    own differences count too."""
     cluster_gradient: ClusterGradient = "mean"
     """The task gradient of a clustered row: ``mean``, the cluster-mean gradient (the spec's); ``sum``, the
     cluster's summed gradient, with every consumer column that reads a cluster of k channels at 1/k of its
     gradient. Once a cluster has collapsed, the model then trains exactly as the merged narrow model would
     under the same optimizer, where with ``mean`` a cluster of k learns k times slower in its producers
     and k times faster in the sum of its consumer columns."""
-    center: Center = "mean"
-    """The point every cluster collapses to: ``mean``, its members' mean (the spec's); ``importance``, their
-    mean weighted by each channel's importance a_c = Σ_consumers ‖C[:, c]‖² · mean_producers (γ_c/σ_c)²
-    (the energy of what the channel contributes downstream, at the start), so the channels that matter
-    move least; the k-means then weights its members alike."""
+    center: Center = "importance"
+    """The point every cluster collapses to: ``importance``, its members' mean weighted by each channel's
+    importance a_c = Σ_consumers ‖C[:, c]‖² · mean_producers (γ_c/σ_c)² (the energy of what the channel
+    contributes downstream, at the start; the k-means weights its members alike), so the channels that
+    matter move least and a dead one (γ = 0) moves onto its cluster's live members (measured on ResNet-20,
+    8 epochs, 0.471: 86.31 / 86.38 against 86.06 / 85.64 for the plain mean on seeds 0 / 1); ``mean``,
+    the plain mean (the spec's)."""
     lr: float = 0.03
     """Base learning rate of the SGD C-SGD builds."""
     momentum: float = 0.9
@@ -110,7 +106,6 @@ class CSGDConfig:
             ("clustering", ("kmeans", "even")),
             ("widths", ("redundancy", "uniform")),
             ("center", ("mean", "importance")),
-            ("features", ("kernel", "response")),
             ("cluster_gradient", ("mean", "sum")),
             ("on_unconverged", ("raise", "warn")),
         ):

@@ -25,7 +25,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from reparam.graph import ChannelGroup, Member, prune, trace
-from reparam.graph.channel_graph import Producer
 from reparam.graph.tracing import as_tuple
 from reparam.verify import relative_error
 
@@ -238,12 +237,8 @@ class CSGD:
         return widths
 
     def _features(self, group: ChannelGroup) -> np.ndarray:
-        """One row per channel of ``group``, its producers' side by side (a residual group concatenates
-        them): their kernels reshaped to out x in·k·k (``features="kernel"``, the spec's clustering space),
-        or with ``features="response"`` each kernel row times γ/σ of the norm after it, followed by the
-        channel's offset β + (γ/σ)·(b − μ)."""
-        if self.config.features == "response":
-            return np.concatenate([self._response(p, group.size) for p in group.producers], axis=1)
+        """One row per channel of ``group``: the kernels of its producers (reshaped to out x in·k·k), side by
+        side (the spec's clustering space; a residual group concatenates its producers')."""
         state = dict(self.model.named_parameters())
         rows = []
         for m in self._sides(group)[0]:
@@ -274,24 +269,6 @@ class CSGD:
         score = energy * gain / np.maximum(count, 1.0)
         score = score / (score.mean() or 1.0)
         return np.maximum(score, 1e-6)
-
-    def _response(self, producer: Producer, channels: int) -> np.ndarray:
-        """The affine map each row of ``producer`` emits after its norm, [(γ/σ)·W | β + (γ/σ)·(b − μ)]."""
-        layer = self.model.get_submodule(producer.module)
-        weight = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
-        bias = layer.bias.detach().double() if getattr(layer, "bias", None) is not None else torch.zeros_like(weight[:, 0])
-        scale, shift = torch.ones_like(bias), torch.zeros_like(bias)
-        norm = self.model.get_submodule(producer.norm) if producer.norm is not None else None
-        if isinstance(norm, _BatchNorm):
-            if norm.weight is not None:
-                scale = norm.weight.detach().double()
-            if norm.bias is not None:
-                shift = norm.bias.detach().double()
-            if norm.running_var is not None:
-                scale = scale / (norm.running_var.detach().double() + norm.eps).sqrt()
-                bias = bias - norm.running_mean.detach().double()
-        emitted = torch.cat([scale[:, None] * weight, (shift + scale * bias)[:, None]], dim=1)
-        return _by_channel(emitted, producer.member, channels)
 
     def _cluster(self, group: ChannelGroup, k: int, features: np.ndarray) -> list[list[int]]:
         if self.config.clustering == "even" or k == group.size:

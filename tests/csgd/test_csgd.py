@@ -110,7 +110,9 @@ def test_the_rule_is_the_specs_matrix_form():
     """G̃ = M·G + (η·I + ε·(I − M))·W on every clustered kernel, M the block-averaging matrix."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 8, 8)
-    cs = CSGD(PublishedResNet(depth=20).train(), x, CSGDConfig(flops_target=0.5, centripetal_strength=0.3))
+    cs = CSGD(
+        PublishedResNet(depth=20).train(), x, CSGDConfig(flops_target=0.5, centripetal_strength=0.3, center="mean")
+    )
     _loss_step(cs, x)
     raw = {n: p.grad.clone() for n, p in cs.centripetal.items()}
     cs.after_backward()
@@ -310,33 +312,31 @@ def test_collapsed_clusters_with_the_summed_gradient_train_as_the_merged_model(n
         assert error > 1e-4
 
 
-@given(st.floats(0.1, 10.0), st.integers(0, 2**16))
-def test_response_features_are_the_affine_map_each_channel_emits(scale, seed):
-    """``features="response"``: a channel's row applied to the input is its norm's output, so a filter and
-    its positive multiple (with the statistics it would have) look alike, where raw kernels do not."""
-    torch.manual_seed(seed)
+def test_importance_centers_are_the_weighted_means_the_clusters_collapse_to():
+    """``center="importance"``: with no task gradient the pull keeps each cluster's importance-weighted
+    mean fixed and brings every member onto it; a channel nothing reads (γ = 0) weighs (almost) nothing."""
+    torch.manual_seed(0)
     model = _Chain().double().eval()
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for bn in model.bns:
-            bn.running_mean.normal_(generator=gen)
-            bn.running_var.uniform_(0.5, 2.0, generator=gen)
-            bn.weight.normal_(generator=gen)
-            bn.bias.normal_(generator=gen)
-        conv, bn = model.convs[0], model.bns[0]  # channel 1 := channel 0 scaled, with matching statistics
-        conv.weight[1], conv.bias[1] = scale * conv.weight[0], scale * conv.bias[0]
-        bn.running_mean[1] = scale * bn.running_mean[0]
-        bn.running_var[1] = scale**2 * (bn.running_var[0] + bn.eps) - bn.eps
-        bn.weight[1], bn.bias[1] = bn.weight[0], bn.bias[0]
+        model.bns[1].weight[5] = 0.0
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    response = CSGD(model, x, CSGDConfig(flops_target=0.6, features="response"))
-    kernel = CSGD(model, x, CSGDConfig(flops_target=0.6, features="kernel"))
-    group = next(g for g in response.groups if g.producers[0].module == "convs.0")
-    rows = torch.as_tensor(response._features(group))
-    weight = rows[:, :-1].reshape(model.convs[0].weight.shape)
-    emitted = nn.functional.conv2d(x, weight, rows[:, -1], padding=1)
-    with torch.no_grad():
-        torch.testing.assert_close(emitted, model.bns[0](model.convs[0](x)), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(rows[1], rows[0], rtol=1e-9, atol=1e-9)
-    raw = kernel._features(next(g for g in kernel.groups if g.producers[0].module == "convs.0"))
-    assert scale == pytest.approx(1.0, abs=1e-3) or not np.allclose(raw[1], raw[0])
+    cfg = CSGDConfig(flops_target=0.5, center="importance", centripetal_strength=0.5, weight_decay=0.0)
+    cs = CSGD(model, x, cfg)
+    group = next(g for g in cs.groups if g.producers[0].module == "convs.1")
+    importance = cs.importance[group.id]
+    assert importance[5] <= 1e-6 and importance.mean() == pytest.approx(1.0)
+    weight = cs.model.convs[1].weight
+    start = weight.detach().clone()
+    expected = torch.zeros_like(start)
+    for members in cs.clusters[group.id]:
+        a = torch.as_tensor(importance[members])
+        expected[members] = (a[:, None, None, None] * start[members]).sum(0) / a.sum()
+    for _ in range(200):
+        for p in cs.model.parameters():
+            p.grad = torch.zeros_like(p)
+        cs.after_backward()
+        with torch.no_grad():
+            for p in cs.model.parameters():
+                p.sub_(0.1 * p.grad)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-9, atol=1e-9)
+    assert any(len(c) > 1 and not np.allclose(importance[c], importance[c][0]) for c in cs.clusters[group.id])
