@@ -4,8 +4,8 @@ C-SGD fixes, per prunable channel group, clusters of channels (k-means on the fi
 indices) whose number is the group's target width, then trains every cluster's filters to become
 identical: after backward each clustered row's gradient becomes the cluster-mean task gradient plus
 ``weight_decay`` · W plus ``centripetal_strength`` · (W − cluster center), the center being the
-importance-weighted mean (``center``, default) or the plain mean (the spec's) (the norm's γ/β and biases with
-``vector_strength_factor`` · ε, or their own budget ε, and no decay). Identical filters with identical norms emit identical
+importance-weighted mean (``center``, the default) or the plain mean (the spec's); the norm's γ/β and
+biases get ``vector_strength_factor`` · ε, or their own budget ε, and no decay. Identical filters with identical norms emit identical
 channels, so all but one per cluster are removed exactly, the consumers summing the removed members'
 input slices; a residual-coupled group shares one clustering across all its producers.
 

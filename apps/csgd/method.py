@@ -351,10 +351,11 @@ class CSGD:
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        """The centripetal rule on every output-side row: ``g̃ = G_H(g) + η·W + ε·(W − mean_H(W))`` for
-        kernels, ``G_H(g) + ε_v·(v − mean_H(v))`` for vectors (`CSGDConfig.vector_strength`), both ramped
-        alike; ``G_H`` is the cluster's mean task gradient, or its sum with ``cluster_gradient="sum"``,
-        which also gives every consumer column that reads a cluster of k channels 1/k of its gradient."""
+        """The centripetal rule on every output-side row: ``g̃ = G_H(g) + η·W + ε·(W − c_H(W))`` for
+        kernels, ``G_H(g) + ε_v·(v − c_H(v))`` for vectors (`CSGDConfig.vector_strength`), both ramped
+        alike; ``c_H`` is the cluster's center (`CSGDConfig.center`: importance-weighted or plain mean),
+        ``G_H`` its mean task gradient, or its sum with ``cluster_gradient="sum"``, which also gives every
+        consumer column that reads a cluster of k channels 1/k of its gradient."""
         cfg, ramp = self.config, self.config.ramp(self.iteration + 1, self.plan_iters)
         now, now_vector = self.strength * ramp, self.vector_strength * ramp
         summed = cfg.cluster_gradient == "sum"
