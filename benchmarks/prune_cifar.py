@@ -33,7 +33,9 @@ from 0.02 to 0 over the iterations left:
 
 Each (method, target) runs once per seed (``--seeds``, default 0,1,2); the report gives the mean and the
 spread (sample standard deviation) over the seeds. ``--ablation`` instead runs variants of (b) at the first
-target and seed, each with one component of the budget recipe switched off (`ABLATIONS`).
+target and seed, each with one component of the budget recipe switched off (`ABLATIONS`); ``--ablation 0,10``
+runs only those entries (by position), e.g. the budget recipe against the paper recipe at a long budget,
+where ``auto`` would pick one of them (the reference entry forces ``--recipe budget``).
 
 Every run is a subprocess (the `apps.resrep` CLI for the base and for a/b, the `apps.csgd` CLI for e, `apps.sfp` for f/g,
 this script's ``--worker`` mode for c/d) with its log in ``<run dir>.log``; a run is done when its folder holds ``summary.json``
@@ -52,7 +54,7 @@ evaluation and export excluded). Results: a markdown table on stdout, ``<results
 Accuracies are on CIFAR-10 (JPEG q75): compare drops and MACs reductions with papers, not absolute top-1.
 
     python benchmarks/prune_cifar.py --data ../shared/data [--mode quick|full] [--methods a,b,c,d]
-        [--targets 0.471,0.35] [--epochs 1] [--seeds 0,1,2] [--jobs 2 --threads 1] [--ablation]
+        [--targets 0.471,0.35] [--epochs 1] [--seeds 0,1,2] [--jobs 2 --threads 1] [--ablation [I,J,...]]
         [--train-limit N --test-limit N]
 
 quick = CIFAR ResNet-20, full = ResNet-56 (option A). ``--train-limit/--test-limit`` keep the first N
@@ -137,9 +139,10 @@ PRUNE_FRACTION = ResRepConfig().freeze_fraction
 # ratio 0.9 over 400 steps removes ~0.2% of the candidate channels per step, so the MACs walk to the target
 # in fine steps (pruning stops at the first step that meets it; 0.9 only bounds how far it may go).
 TP_REG, TP_RATIO, TP_STEPS = 5e-4, 0.9, 400
-# (b) with one component of the budget recipe switched off (`apps.resrep.config`), as extra CLI flags.
+# (b) with one component of the budget recipe switched off (`apps.resrep.config`), as extra CLI flags. The
+# reference names its recipe, so that it stays the budget recipe at budgets where ``auto`` picks the paper's.
 ABLATIONS: dict[str, tuple[str, ...]] = {
-    "budget recipe (b)": (),
+    "budget recipe (b)": ("--recipe", "budget"),
     "score: Taylor normalised per group": ("--score-normalize",),
     "score: not per MAC": ("--no-score-per-mac",),
     "score: compactor-row norm (the paper's metric)": ("--score", "norm"),
@@ -977,8 +980,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="seeds of every (method, target), comma separated")
     p.add_argument(
         "--ablation",
-        action="store_true",
-        help="run the ABLATIONS variants of (b) at the first target and seed instead of --methods",
+        nargs="?",
+        const=",".join(str(i) for i in range(len(ABLATIONS))),
+        default=None,
+        metavar="I,J,...",
+        help="run the ABLATIONS variants of (b) (all, or those positions) at the first target and seed "
+        "instead of --methods: " + "; ".join(f"{i}={k}" for i, k in enumerate(ABLATIONS)),
     )
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (each with --threads threads)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "prune_cifar", help="run folders")
@@ -999,6 +1006,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             raise ValueError(f"targets must lie in (0, 1), got {args.targets}")
         if not args.seeds:
             raise ValueError("--seeds needs at least one seed")
+        if args.ablation is not None:
+            wrong = f"--ablation takes comma-separated positions 0..{len(ABLATIONS) - 1} of ABLATIONS, got {args.ablation!r}"
+            try:
+                args.ablation = _numbers(args.ablation, int)
+            except ValueError:
+                raise ValueError(wrong) from None
+            if not args.ablation or not all(0 <= i < len(ABLATIONS) for i in args.ablation):
+                raise ValueError(wrong)
         if args.epochs < 1 or args.jobs < 1:
             raise ValueError(f"--epochs and --jobs must be at least 1, got {args.epochs} and {args.jobs}")
         args.npz, args.published = find_inputs(args.data, ARCHS[args.mode])
@@ -1008,8 +1023,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def planned_runs(args: argparse.Namespace) -> list[Run]:
-    if args.ablation:
-        return [Run("resrep-residual", args.targets[0], args.seeds[0], variant) for variant in ABLATIONS]
+    if args.ablation is not None:
+        names = list(ABLATIONS)
+        return [Run("resrep-residual", args.targets[0], args.seeds[0], names[i]) for i in args.ablation]
     return [Run(m, t, s) for t in args.targets for m in args.methods for s in args.seeds]
 
 
@@ -1041,10 +1057,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     base, rows = collect(setup, list(zip(runs, results)), args.repeats)
     entries = aggregate(rows)
     title = f"{arch} (option A) on CIFAR-10 (JPEG q75), {args.epochs}-epoch budget per method" + (
-        ", ablation of (b)" if args.ablation else ""
+        ", ablation of (b)" if args.ablation is not None else ""
     )
     print(markdown(base, entries, title))
-    name = f"prune_cifar_{args.mode}_e{args.epochs}{'_ablation' if args.ablation else ''}"
+    name = f"prune_cifar_{args.mode}_e{args.epochs}{'_ablation' if args.ablation is not None else ''}"
     payload = {
         "benchmark": "prune_cifar",
         "mode": args.mode,
@@ -1066,7 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results_dir = args.results.resolve()
     write_json(results_dir / f"{name}.json", payload)
     print(f"wrote {results_dir / f'{name}.json'}")
-    if len(args.targets) > 1 and not args.ablation:
+    if len(args.targets) > 1 and args.ablation is None:
         plot_curve(base, entries, results_dir / f"{name}_curve.png", title)
         print(f"wrote {results_dir / f'{name}_curve.png'}")
     return 0

@@ -74,6 +74,26 @@ def test_missing_data_is_refused(tmp_path, capsys):
     assert "cifar10_jpegbytes.npz not found" in capsys.readouterr().err
 
 
+def test_ablation_runs_all_or_the_chosen_variants(tmp_path, capsys):
+    bench = _load_script()
+    data = ["--data", str(fake_shared_data(tmp_path)), "--targets", "0.35,0.471", "--seeds", "2,3"]
+    every = bench.planned_runs(bench.parse_args([*data, "--ablation"]))
+    assert [r.variant for r in every] == list(bench.ABLATIONS)
+    assert {(r.method, r.target, r.seed) for r in every} == {("resrep-residual", 0.35, 2)}
+    last = len(bench.ABLATIONS) - 1
+    chosen = bench.planned_runs(bench.parse_args([*data, "--ablation", f"0,{last}"]))
+    assert [r.variant for r in chosen] == [list(bench.ABLATIONS)[0], list(bench.ABLATIONS)[last]]
+    # the reference names the budget recipe, so that it stays one where auto would pick the paper's
+    assert bench.ABLATIONS[chosen[0].variant] == ("--recipe", "budget")
+    plain = bench.planned_runs(bench.parse_args(data))
+    assert len(plain) == 2 * 4 * 2 and not any(r.variant for r in plain)  # targets x default methods x seeds
+    for bad in (str(last + 1), "x", ","):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args([*data, "--ablation", bad])
+        assert exit_info.value.code == 2
+        assert "--ablation takes comma-separated positions" in capsys.readouterr().err
+
+
 def test_l1_oneshot_meets_the_macs_target():
     bench = _load_script()
     torch.manual_seed(0)
