@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -268,6 +268,144 @@ def _follow_longer_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, sou
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
+def _new_sums() -> dict[str, float]:
+    return {"loss": 0.0, "correct": 0, "n": 0, "time": 0.0}
+
+
+@dataclass
+class _Position:
+    """Where a run stands: the epoch, the batches of it already taken, the iterations in all, the
+    per-epoch history and the running sums of the epoch in progress."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sums: dict[str, float] = field(default_factory=_new_sums)
+
+
+@dataclass
+class _Run:
+    """The state objects one `fit` trains and checkpoints, with the settings a checkpoint must match."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    hooks: Hooks | None
+    ckpt_path: Path | None
+    meta: dict[str, Any]
+    total_steps: int
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """One optimizer step from ``loss``: backward (DDP all-reduces), unscale (fp16),
+        ``hooks.after_backward()``, step, scheduler step, ``hooks.after_step(step)``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        if self.hooks is not None:
+            self.hooks.after_backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.hooks is not None:
+            self.hooks.after_step(step)
+
+    def save(self, pos: _Position) -> None:
+        """Write the checkpoint of ``pos`` atomically (main process only; no-op without a directory)."""
+        if self.ckpt_path is None or not is_main_process():
+            return
+        payload = {
+            "format": _FORMAT,
+            "meta": self.meta,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "hooks": self.hooks.state_dict() if self.hooks is not None else None,
+            "rng": rng_state(),
+            "epoch": pos.epoch,
+            "total_steps": self.total_steps,
+            "step_in_epoch": pos.batch,
+            "step": pos.step,
+            "history": pos.history,
+            "sums": pos.sums,
+        }
+        atomic_save(payload, self.ckpt_path)
+
+    def restore(self, device: torch.device) -> tuple[_Position, Any]:
+        """Load the checkpoint into every state object; returns the position and, when it lies inside an
+        epoch, the RNG state to re-apply once that epoch's batch iterator exists (else None)."""
+        path = self.ckpt_path
+        ck = load_file(path, map_location=device)
+        if not isinstance(ck, dict) or ck.get("format") != _FORMAT:
+            raise CheckpointError(f"{path} is not a training checkpoint of this app (format {_FORMAT})")
+        differ = settings_diff(ck.get("meta", {}), self.meta)
+        if differ:
+            raise CheckpointError(
+                f"{path} was written by a run with other settings ({'; '.join(differ)}); "
+                "resume with the same settings or use a fresh --out"
+            )
+        saved_steps = int(ck.get("total_steps", self.total_steps))
+        if self.total_steps < saved_steps:
+            raise CheckpointError(
+                f"{path} is a run of {saved_steps} iterations; a resumed run can be extended "
+                f"(more --epochs), not shortened to {self.total_steps}"
+            )
+        load_state_dict_checked(self.model, ck["model"], f"checkpoint {path}")
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if self.total_steps > saved_steps:
+            _follow_longer_schedule(self.scheduler, path)
+        self.scaler.load_state_dict(ck["scaler"])
+        if self.hooks is not None:
+            self.hooks.load_state_dict(ck["hooks"])
+        set_rng_state(ck["rng"])
+        pos = _Position(ck["epoch"], ck["step_in_epoch"], ck["step"], list(ck["history"]), dict(ck["sums"]))
+        return pos, (ck["rng"] if pos.batch else None)
+
+
+def _check_finite(loss: torch.Tensor, pos: _Position, batch: int, ckpt_path: Path | None) -> None:
+    """`NonFiniteLossError` before the update when any rank's loss is NaN/inf (all ranks agree)."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if _distributed():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if bool(finite):
+        return
+    where = f"epoch {pos.epoch + 1}, batch {batch + 1}, iteration {pos.step + 1}"
+    kept = f"; the last good checkpoint {ckpt_path} is kept" if ckpt_path and ckpt_path.exists() else ""
+    raise NonFiniteLossError(
+        f"loss is {loss.item()} at {where}: stopped before the update{kept}. Lower the learning rate or use amp=bf16/none."
+    )
+
+
+def _epoch_row(pos: _Position, lr: float) -> dict[str, Any]:
+    sums = pos.sums
+    return {
+        "epoch": pos.epoch + 1,
+        "step": pos.step,
+        "lr": lr,
+        "train_loss": sums["loss"] / max(sums["n"], 1),
+        "train_acc": 100.0 * sums["correct"] / max(sums["n"], 1),
+        "epoch_time_s": sums["time"],
+    }
+
+
+def _publish(row: dict[str, Any], history: list[dict[str, Any]], log_dir: Path | None, writer, progress: bool) -> None:
+    """Main process: ``log.csv``, TensorBoard scalars and the progress line of an epoch's row."""
+    if log_dir is not None:
+        _write_logs(history, log_dir)
+        if writer is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
+                    writer.add_scalar(k, v, row["step"])
+            writer.flush()
+    if progress:
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
+        tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -316,75 +454,29 @@ def fit(
     _set_epoch(train_loader, 0, 0)
     iters_per_epoch = len(train_loader)
     total_steps = epochs * iters_per_epoch if max_steps is None else min(max_steps, epochs * iters_per_epoch)
-    if scheduler is None:
-        scheduler = cosine_schedule(optimizer, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    run = _Run(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler if scheduler is not None else cosine_schedule(optimizer, total_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=(amp == "fp16")),
+        hooks=hooks,
+        ckpt_path=Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None,
+        meta=dict(meta or {}),
+        total_steps=total_steps,
+    )
     log_dir = Path(log_dir) if log_dir is not None else None
-    meta = dict(meta or {})
-
-    epoch, start_batch, step, history, resumed_rng = 0, 0, 0, [], None
-    sums = {"loss": 0.0, "correct": 0, "n": 0, "time": 0.0}
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        ck = load_file(ckpt_path, map_location=device)
-        if not isinstance(ck, dict) or ck.get("format") != _FORMAT:
-            raise CheckpointError(f"{ckpt_path} is not a training checkpoint of this app (format {_FORMAT})")
-        differ = settings_diff(ck.get("meta", {}), meta)
-        if differ:
-            raise CheckpointError(
-                f"{ckpt_path} was written by a run with other settings ({'; '.join(differ)}); "
-                "resume with the same settings or use a fresh --out"
-            )
-        saved_steps = int(ck.get("total_steps", total_steps))
-        if total_steps < saved_steps:
-            raise CheckpointError(
-                f"{ckpt_path} is a run of {saved_steps} iterations; a resumed run can be extended "
-                f"(more --epochs), not shortened to {total_steps}"
-            )
-        load_state_dict_checked(model, ck["model"], f"checkpoint {ckpt_path}")
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if total_steps > saved_steps:
-            _follow_longer_schedule(scheduler, ckpt_path)
-        scaler.load_state_dict(ck["scaler"])
-        if hooks is not None:
-            hooks.load_state_dict(ck["hooks"])
-        set_rng_state(ck["rng"])
-        resumed_rng = ck["rng"] if ck["step_in_epoch"] else None
-        epoch, start_batch, step = ck["epoch"], ck["step_in_epoch"], ck["step"]
-        history, sums = list(ck["history"]), dict(ck["sums"])
-
-    def save(epoch_: int, batch_: int) -> None:
-        if ckpt_path is None or not is_main_process():
-            return
-        atomic_save(
-            {
-                "format": _FORMAT,
-                "meta": meta,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "hooks": hooks.state_dict() if hooks is not None else None,
-                "rng": rng_state(),
-                "epoch": epoch_,
-                "total_steps": total_steps,
-                "step_in_epoch": batch_,
-                "step": step,
-                "history": history,
-                "sums": sums,
-            },
-            ckpt_path,
-        )
+    pos, resumed_rng = _Position(), None
+    if resume and run.ckpt_path is not None and run.ckpt_path.exists():
+        pos, resumed_rng = run.restore(device)
 
     net = model
     if _distributed():
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = _tensorboard(log_dir, step)
+    writer = _tensorboard(log_dir, pos.step)
     main = is_main_process()
     try:
-        while epoch < epochs and step < total_steps:
-            skip = _set_epoch(train_loader, epoch, start_batch)
+        while pos.epoch < epochs and pos.step < total_steps:
+            skip = _set_epoch(train_loader, pos.epoch, pos.batch)
             batches = itertools.islice(iter(train_loader), skip, None)
             if resumed_rng is not None:  # creating the iterator drew from the RNG; mid-epoch it must not count
                 set_rng_state(resumed_rng)
@@ -394,83 +486,50 @@ def fit(
             bar = tqdm(
                 batches,
                 total=iters_per_epoch,
-                initial=start_batch,
+                initial=pos.batch,
                 disable=not (progress and main),
-                desc=f"epoch {epoch + 1}/{epochs}",
+                desc=f"epoch {pos.epoch + 1}/{epochs}",
                 leave=False,
                 dynamic_ncols=True,
             )
-            for b, (x, y) in enumerate(bar, start=start_batch):
+            for b, (x, y) in enumerate(bar, start=pos.batch):
                 x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
                 with autocast(device, amp):
                     out = net(x)
                     out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
                     loss = loss_fn(out, y)
-                finite = torch.isfinite(loss.detach()).to(torch.int32)
-                if _distributed():
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not bool(finite):
-                    where = f"epoch {epoch + 1}, batch {b + 1}, iteration {step + 1}"
-                    kept = f"; the last good checkpoint {ckpt_path} is kept" if ckpt_path and ckpt_path.exists() else ""
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at {where}: stopped before the update"
-                        f"{kept}. Lower the learning rate or use amp=bf16/none."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if scaler.is_enabled():
-                    scaler.unscale_(optimizer)
-                if hooks is not None:
-                    hooks.after_backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if hooks is not None:
-                    hooks.after_step(step)
-                step += 1
+                _check_finite(loss, pos, b, run.ckpt_path)
+                run.update(loss, pos.step)
+                pos.step += 1
+                sums = pos.sums
                 sums["loss"] += float(loss.detach()) * len(y)
                 logits = out[0] if isinstance(out, tuple) else out  # a tuple's first entry: the deployed logits
                 sums["correct"] += int((logits.detach().argmax(1) == y).sum())
                 sums["n"] += len(y)
                 if main and progress and b % 10 == 0:
                     bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                if step >= total_steps:
+                if pos.step >= total_steps:
                     break
-                if checkpoint_every and step % checkpoint_every == 0 and b + 1 < iters_per_epoch:
+                if checkpoint_every and pos.step % checkpoint_every == 0 and b + 1 < iters_per_epoch:
                     sums["time"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    save(epoch, b + 1)
+                    pos.batch = b + 1
+                    run.save(pos)
             bar.close()
-            sums["time"] += time.perf_counter() - t0
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "step": step,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": sums["loss"] / max(sums["n"], 1),
-                "train_acc": 100.0 * sums["correct"] / max(sums["n"], 1),
-                "epoch_time_s": sums["time"],
-            }
-            last = epoch + 1 == epochs or step >= total_steps
-            if val_loader is not None and ((epoch + 1) % eval_every == 0 or last):
+            pos.sums["time"] += time.perf_counter() - t0
+            row = _epoch_row(pos, optimizer.param_groups[0]["lr"])
+            last = pos.epoch + 1 == epochs or pos.step >= total_steps
+            if val_loader is not None and ((pos.epoch + 1) % eval_every == 0 or last):
                 ev = evaluate(model, val_loader, device=device, amp=amp, channels_last=channels_last, loss_fn=loss_fn)
                 row.update(val_loss=ev["loss"], val_acc=ev["acc"])
             if metrics is not None:
                 row.update(metrics())
-            history.append(row)
-            epoch, start_batch = epoch + 1, 0
-            sums = {"loss": 0.0, "correct": 0, "n": 0, "time": 0.0}
-            save(epoch, 0)
-            if main and log_dir is not None:
-                _write_logs(history, log_dir)
-                if writer is not None:
-                    for k, v in row.items():
-                        if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
-                            writer.add_scalar(k, v, step)
-                    writer.flush()
-            if main and progress:
-                shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
-                tqdm.write(" ".join(f"{k}={v}" for k, v in shown.items()))
+            pos.history.append(row)
+            pos.epoch, pos.batch, pos.sums = pos.epoch + 1, 0, _new_sums()
+            run.save(pos)
+            if main:
+                _publish(row, pos.history, log_dir, writer, progress)
     finally:
         if writer is not None:
             writer.close()
-    return history
+    return pos.history
