@@ -1,7 +1,7 @@
 """The checks that need a CUDA GPU, in one prepared run that fits in ~9 minutes; JSON out.
 
-1. ``amp``: ResRep (budget recipe) trained under fp16 autocast with a GradScaler, the gradient rule applied
-   after ``unscale_``: the loss stays finite, the MACs target is met, the removed rows are exactly 0 and
+1. ``amp``: ResRep (budget recipe, built on the CPU and moved by `fit`) trained under fp16 autocast with
+   a GradScaler, the gradient rule applied after ``unscale_`` (overflow steps kept out of the Taylor scores): the loss stays finite, the MACs target is met, the removed rows are exactly 0 and
    the conversion is exact (proven in float64 to 1e-10; the float32 deploy model within 1e-5 of max|y|); the same under bf16.
 2. ``channels_last``: the same run in NHWC; the converted model gives the same logits in NHWC and NCHW;
    ``cr_sfp_fp16``: CR-SFP (two views, two heads, KL) under fp16 + GradScaler in NHWC, exported exactly.
@@ -57,9 +57,9 @@ def check_training(amp: str, channels_last: bool, steps: int = 120, device: str 
     device = torch.device(device)
     torch.manual_seed(0)
     batches = _loader(steps, 64, seed=1)
-    rr = ResRep(
-        CifarResNet(20).to(device),
-        batches[0][0][:2].to(device),
+    rr = ResRep(  # built on the CPU, as `apps.resrep.prune` builds it; `fit` moves it to `device`
+        CifarResNet(20),
+        batches[0][0][:2],
         ResRepConfig(flops_target=0.5, lr=0.05),
         iters_per_epoch=steps,
         total_iters=steps,

@@ -121,10 +121,21 @@ def restore(
     """The method of a prune run's checkpoint (already loaded): the model rebuilt, the method's state
     restored, ready for ``convert()``."""
     require_prune_checkpoint(checkpoint, source, app)
+    remedy = f"it was written by another version of `{app.prog} prune`; rerun it with this one"
+    missing = [key for key in ("model", "hooks") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{source} has no {' or '.join(missing)} entry: {remedy}")
+    try:
+        config = app.config(**checkpoint["meta"][app.prog])
+    except TypeError as e:  # a field this version does not know
+        raise CheckpointError(f"{source}: its {app.prog} settings do not fit this version ({e}): {remedy}") from None
     model = build_model(model_cfg, num_classes=info.num_classes, in_channels=info.in_channels)
-    method = app.make(model, example, app.config(**checkpoint["meta"][app.prog]), None, None)
+    method = app.make(model, example, config, None, None)
     load_state_dict_checked(method.model, checkpoint["model"], source)
-    method.load_state_dict(checkpoint["hooks"])
+    try:
+        method.load_state_dict(checkpoint["hooks"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{source}: its {app.prog} state lacks or mistypes {e}: {remedy}") from None
     return method
 
 

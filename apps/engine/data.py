@@ -244,13 +244,19 @@ def load_npz_arrays(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return out[0], out[1], out[2], out[3]
 
 
-def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray, what: str) -> np.ndarray:
     from PIL import Image
 
-    images = [
-        np.asarray(Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
-        for i in range(len(offsets) - 1)
-    ]
+    images = []
+    for i in range(len(offsets) - 1):
+        try:
+            images.append(
+                np.asarray(Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+            )
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for undecodable bytes
+            raise DataError(f"{what}: image {i} does not decode ({e}); the file is corrupt, rebuild it") from None
+    if len({im.shape for im in images}) > 1:
+        raise DataError(f"{what}: the images differ in size ({sorted({im.shape for im in images})[:3]} …)")
     return np.stack(images)
 
 
@@ -267,12 +273,12 @@ def load_jpeg_npz_arrays(
         if len(off) != len(y) + 1:
             raise DataError(f"jpeg-npz dataset: {split}_offsets has {len(off)} entries for {len(y)} labels")
         n = min(limit, len(y)) if limit > 0 else len(y)
-        out += [_decode_jpegs(z[f"{split}_jpeg"], off[: n + 1]), y[:n]]
+        out += [_decode_jpegs(z[f"{split}_jpeg"], off[: n + 1], f"jpeg-npz dataset {p}, {split}_jpeg"), y[:n]]
     return out[0], out[1], out[2], out[3]
 
 
-def _stats(cfg: DataConfig, default: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    preset = cfg.normalize or default
+def _stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    preset = cfg.normalize
     table = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar": (CIFAR_MEAN, CIFAR_STD), "none": ((0.0,), (1.0,))}
     if preset not in table:
         raise DataError(f"unknown normalize preset {preset!r}; use one of {sorted(table)}")
@@ -285,7 +291,7 @@ def _arrays_datasets(
     x_tr, y_tr, x_te, y_te = arrays
     x_tr, y_tr = _limit(x_tr, y_tr, cfg.train_limit)
     x_te, y_te = _limit(x_te, y_te, cfg.test_limit)
-    mean, std = stats or _stats(cfg, "imagenet")
+    mean, std = stats or _stats(cfg)
     train = ArrayDataset(x_tr, y_tr, mean=mean, std=std, augment=cfg.augment, flip=flip, scale=scale)
     test = ArrayDataset(x_te, y_te, mean=mean, std=std, augment=False, scale=scale)
     classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
@@ -303,7 +309,7 @@ def _torchvision_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
         raise DataError(f"{cfg.dataset}: data folder not found: {root} (pass --download to fetch it)")
     if cfg.dataset in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
-        mean, std = _stats(cfg, "imagenet")
+        mean, std = _stats(cfg)
         norm = [T.ToTensor(), T.Normalize(mean, std)]
         aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if cfg.augment else []
         try:
@@ -316,7 +322,7 @@ def _torchvision_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise DataError(f"imagefolder: expected {root / split}/<class>/<images> (ImageNet layout)")
-        mean, std = _stats(cfg, "imagenet")
+        mean, std = _stats(cfg)
         s = cfg.image_size
         norm = [T.ToTensor(), T.Normalize(mean, std)]
         aug = (

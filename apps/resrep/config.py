@@ -103,13 +103,13 @@ class ResRepConfig:
     """Paper recipe: most channels masked per round."""
     # the budget recipe's schedule
     score: Score | None = None
-    """Budget recipe channel score: ``taylor`` (first-order loss change), ``fused`` (fused filter-row norm) or ``norm`` (raw compactor-row norm); none: taylor."""
+    """Channel score: ``taylor`` (first-order loss change), ``fused`` (fused filter-row norm) or ``norm`` (raw compactor-row norm); none: the recipe's (paper norm, budget taylor)."""
     score_momentum: float = 0.95
     """Budget recipe: running-average factor of the Taylor score."""
     score_normalize: bool | None = None
-    """Divide scores by their group's mean (none: for fused and norm, not for taylor)."""
+    """Budget recipe: divide scores by their group's mean (none: for fused and norm, not for taylor)."""
     score_per_mac: bool = True
-    """Divide each score by the MACs one channel of its group costs."""
+    """Budget recipe: divide each score by the MACs one channel of its group costs."""
     mask_rounds: int = 20
     """Budget recipe: rounds of cumulative masking."""
     mask_start_fraction: float = 0.02
@@ -154,9 +154,9 @@ class ResRepConfig:
             "round_to",
             "mask_rounds",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "before_mask_epochs" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            value, least = getattr(self, name), 0 if name == "before_mask_epochs" else 1
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         for name in ("mask_stop_iters", "before_mask_iters", "auto_switch_iters"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -169,6 +169,7 @@ class ResRepConfig:
             "bias_lr_factor",
             "compactor_momentum",
             "threshold",
+            "verify_tolerance",
         ):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

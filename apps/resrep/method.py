@@ -51,13 +51,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from reparam.graph import ChannelGroup, trace
 from reparam.graph.tracing import as_tuple
 from reparam.ops.blocks import Compactor
 
-from ..engine.groups import candidate_groups
+from ..engine.groups import candidate_groups, widths_for_target
 from ..engine.selection import select_masks
 from .config import ResRepConfig
 from .convert import ConversionReport, convert
@@ -264,16 +265,15 @@ class ResRep:
 
     def _channels_to_mask(self) -> int:
         """Channels to mask for the target when every group keeps the same fraction of its channels (the
-        largest such fraction that meets it, by bisection): the length of the paper recipe's timeline."""
-
-        def widths(f: float) -> dict[int, int]:
-            return {g.id: max(self._min_keep(g), math.ceil(f * g.size)) for g in self.groups}
-
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if self.graph.macs(widths(mid)) <= self.target_macs else (lo, mid)
-        return sum(g.size - w for g, w in zip(self.groups, widths(lo).values()))
+        largest such fraction that meets it): the length of the paper recipe's timeline."""
+        widths = widths_for_target(
+            {g.id: g.size for g in self.groups},
+            {g.id: self._min_keep(g) for g in self.groups},
+            {g.id: g.multiple for g in self.groups},
+            self.graph.macs,
+            self.target_macs,
+        )
+        return sum(g.size - widths[g.id] for g in self.groups)
 
     def optimizer(self) -> torch.optim.SGD:
         """``torch.optim.SGD(self.param_groups(), lr=config.lr)``, bound to this ResRep so that masking a
@@ -377,6 +377,9 @@ class ResRep:
         """Budget recipe, Taylor score: per group channel c, the first-order loss change of removing it,
         t_c = Σ_producers Σ_i Q_ci ∂L/∂Q_ci, enters an average of t_c² (momentum ``score_momentum``)."""
         beta = self.config.score_momentum
+        device = next(self.model.parameters()).device
+        if any(t.device != device for t in self.taylor.values()):  # the model moved after construction
+            self.taylor = {gid: t.to(device) for gid, t in self.taylor.items()}
         change = {gid: torch.zeros_like(t) for gid, t in self.taylor.items()}
         for site, compactor in self.compactors():
             w, g = compactor.weight, compactor.weight.grad
@@ -385,8 +388,11 @@ class ResRep:
             rows = (w * g).reshape(w.shape[0], -1).sum(1).to(torch.float64)
             for gid, r, ch in site.slices:
                 change[gid].index_add_(0, ch.to(rows.device), rows[r.to(rows.device)])
+        # an fp16 step the GradScaler will skip has inf/NaN gradients: it must not enter the averages
+        # (tested on the device, without a host sync)
+        finite = torch.stack([torch.isfinite(c).all() for c in change.values()]).all()
         for gid, t in self.taylor.items():
-            t.mul_(beta).add_(change[gid].square(), alpha=1.0 - beta)
+            t.copy_(torch.where(finite, t * beta + change[gid].square() * (1.0 - beta), t))
 
     @torch.no_grad()
     def after_step(self, iteration: int) -> None:
@@ -498,16 +504,28 @@ class ResRep:
             num_masked = sum(int((~m).sum()) for m in self.masks.values())
             budget = mask_budget(num_masked, self.macs(), self.target_macs, self.config.begin_granularity)
         goal = plan.goal(self.iteration) * self.base_macs
-        new = self._select([scores[i] for i in ids], goal, budget)
+        new = self._agree(self._select([scores[i] for i in ids], goal, budget))
         if plan.cumulative:
             new = [n & self.masks[i] for n, i in zip(new, ids)]
         self.set_masks(dict(zip(ids, new)))
 
-    def set_masks(self, masks: Mapping[int, Tensor]) -> None:
+    def _agree(self, masks: list[Tensor]) -> list[Tensor]:
+        """Under DDP, rank 0's masks on every rank: a score may read rank-local state (BatchNorm running
+        statistics, which each rank updates from its own batches), and ranks that masked different
+        channels would train different networks."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return masks
+        device = next(self.model.parameters()).device  # NCCL broadcasts CUDA tensors only
+        flat = torch.cat([m.to(torch.uint8) for m in masks]).to(device)
+        dist.broadcast(flat, src=0)
+        return [m.to("cpu", torch.bool) for m in flat.split([len(m) for m in masks])]
+
+    def set_masks(self, masks: Mapping[int, Tensor], *, clear_momentum: bool = True) -> None:
         """Adopt keep-masks (``True`` = kept) for every candidate group id (e.g. to prune by hand) and
         mirror them row by row into the compactors' ``mask`` buffers. Newly masked channels are stamped
-        with the current iteration (their fading starts there) and, with a bound optimizer, their
-        compactor rows' momentum is cleared."""
+        with the current iteration (their fading starts there) and, under the budget recipe with a
+        bound optimizer and ``clear_momentum``, their compactor rows' momentum is cleared (the paper
+        recipe keeps it, as the spec states)."""
         sizes = {g.id: g.size for g in self.groups}
         got = {int(k): int(v.numel()) for k, v in masks.items()}
         if got != sizes:
@@ -524,7 +542,9 @@ class ResRep:
         with torch.no_grad():
             for site, compactor in self.compactors():
                 compactor.mask.copy_(self.row_keep(site).to(compactor.mask.dtype))
-                state = self._optimizer.state.get(compactor.weight, {}) if self._optimizer is not None else {}
+                if not clear_momentum or self._optimizer is None or self.plan.recipe != "budget":
+                    continue
+                state = self._optimizer.state.get(compactor.weight, {})
                 buf = state.get("momentum_buffer")
                 if buf is not None:
                     buf[self._rows_of(site, newly).to(buf.device)] = 0
@@ -608,8 +628,10 @@ class ResRep:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict` output; ValueError when its masks belong to another model."""
-        self.set_masks({int(k): v for k, v in state["masks"].items()})
+        """Restore `state_dict` output; ValueError when its masks belong to another model. The
+        optimizer's momentum is the checkpoint's: nothing is cleared (a resumed run is the uninterrupted
+        one)."""
+        self.set_masks({int(k): v for k, v in state["masks"].items()}, clear_momentum=False)
         self.iteration = int(state["iteration"])
         for k, v in state.get("masked_at", {}).items():
             self.masked_at[int(k)] = v.to("cpu", torch.long).clone()

@@ -43,7 +43,9 @@ def paper_min_iters(config: ResRepConfig, channels_to_mask: int, iters_per_epoch
     the lasso warm-up, ``ceil(C / begin_granularity)`` rounds of ``mask_interval`` iterations for the
     ``channels_to_mask`` C, and the ``(1 - μ) / (lr·λ)`` iterations a unit row takes to reach 0 under the
     penalty alone (at the full lr; a cosine makes it longer). ``inf`` when λ or lr is 0."""
-    momentum = config.compactor_momentum if config.compactor_momentum is not None else 0.99
+    momentum = config.compactor_momentum
+    if momentum is None:
+        momentum = float(RECIPE_DEFAULTS["paper"]["compactor_momentum"])
     pull = config.lr * config.lasso_strength
     if pull <= 0:
         return math.inf
@@ -100,8 +102,9 @@ class Plan:
         return self.config.lasso_strength
 
     def needs_scores(self, step: int) -> bool:
-        """Whether the gradient of ``step`` still feeds a mask round (budget Taylor scores)."""
-        return self.recipe == "budget" and self.score == "taylor" and step <= self.mask_end
+        """Whether the gradient of ``step`` still feeds a mask round (Taylor scores; the paper recipe
+        may re-select masks at any round, the budget recipe not after its last)."""
+        return self.score == "taylor" and (self.recipe == "paper" or step <= self.mask_end)
 
     def fade(self, age: Tensor) -> Tensor:
         """Budget recipe: the fraction of its value a row masked ``age`` iterations ago keeps,

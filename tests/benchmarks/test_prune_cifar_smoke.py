@@ -83,8 +83,10 @@ def test_ablation_runs_all_or_the_chosen_variants(tmp_path, capsys):
     last = len(bench.ABLATIONS) - 1
     chosen = bench.planned_runs(bench.parse_args([*data, "--ablation", f"0,{last}"]))
     assert [r.variant for r in chosen] == [list(bench.ABLATIONS)[0], list(bench.ABLATIONS)[last]]
-    # the reference names the budget recipe, so that it stays one where auto would pick the paper's
+    # every variant of the budget recipe names it, so that it stays one where auto would pick the paper's
     assert bench.ABLATIONS[chosen[0].variant] == ("--recipe", "budget")
+    assert all(flags[:2] == ("--recipe", "budget") for flags in list(bench.ABLATIONS.values())[:last])
+    assert bench.ABLATIONS[chosen[1].variant] == ("--recipe", "paper")
     plain = bench.planned_runs(bench.parse_args(data))
     assert len(plain) == 2 * 4 * 2 and not any(r.variant for r in plain)  # targets x default methods x seeds
     for bad in (str(last + 1), "x", ","):
@@ -92,6 +94,16 @@ def test_ablation_runs_all_or_the_chosen_variants(tmp_path, capsys):
             bench.parse_args([*data, "--ablation", bad])
         assert exit_info.value.code == 2
         assert "--ablation takes comma-separated positions" in capsys.readouterr().err
+
+
+def test_a_run_that_missed_its_target_stays_failed_on_rerun(tmp_path):
+    bench = _load_script()
+    assert bench._finished(tmp_path) is None
+    (tmp_path / "summary.json").write_text(json.dumps({"target_met": True}))
+    assert bench._finished(tmp_path) == {"status": "done"}
+    (tmp_path / "summary.json").write_text(json.dumps({"target_met": False}))
+    missed = bench._finished(tmp_path)
+    assert missed["status"] == "failed" and missed["exit_code"] == 2 and "missed its MACs target" in missed["error"]
 
 
 def test_l1_oneshot_meets_the_macs_target():

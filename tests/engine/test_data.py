@@ -122,6 +122,11 @@ def test_jpeg_npz_decodes_like_pillow(tmp_path):
     assert x_tr.shape == (5, 8, 8, 3) and x_te.shape == (2, 8, 8, 3) and list(y_te) == [0, 1]
     expected = np.asarray(Image.open(io.BytesIO(blobs[3].tobytes())).convert("RGB"))
     assert np.array_equal(x_tr[3], expected)
+    corrupt = data.copy()
+    corrupt[offsets[2] : offsets[3]] = 0  # image 2's bytes overwritten
+    np.savez(tmp_path / "bad.npz", **{**np.load(tmp_path / "j.npz"), "test_jpeg": corrupt})
+    with pytest.raises(DataError, match=r"bad.npz, test_jpeg: image 2 does not decode .* corrupt"):
+        load_jpeg_npz_arrays(str(tmp_path / "bad.npz"))
 
 
 def test_cifar_folder_missing_is_refused_without_download(tmp_path):

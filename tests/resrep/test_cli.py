@@ -236,6 +236,16 @@ def test_corrupt_and_foreign_checkpoints(base_run, tmp_path, capsys):
         ],
     )
     assert "shape mismatch" in err and not (tmp_path / "o").exists()
+    # a prune checkpoint of another version: a settings field this one does not know, or no hook state
+    ck = torch.load(base_run / "last.pt", weights_only=True)
+    ck["meta"] = {**ck["meta"], "command": "prune", "resrep": {"no_such_field": 1}}
+    torch.save(ck, tmp_path / "other_version.pt")
+    ck["meta"]["resrep"] = {}
+    del ck["hooks"]
+    torch.save(ck, tmp_path / "no_hooks.pt")
+    for name, says in (("other_version.pt", "no_such_field"), ("no_hooks.pt", "no hooks entry")):
+        err = _fail(capsys, ["export", *TINY, "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "x")])
+        assert says in err and "another version of `resrep prune`" in err, err
 
 
 def test_nan_loss_stops(tmp_path, capsys):
@@ -272,6 +282,8 @@ def test_untraceable_model(tmp_path, monkeypatch, base_run, capsys):
             str(tmp_path / "o"),
         ],
     )
+    assert "could not trace module '<root>' (Branchy)" in err and "control flow" in err, err
+    assert "leaf_modules" in err and "torch.export fallback failed too" in err, err  # the remedy, both tracers tried
     assert not (tmp_path / "o").exists(), err
 
 

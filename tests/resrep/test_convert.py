@@ -14,8 +14,8 @@ from torch import nn
 
 from apps.engine.models import CifarResNet, DigitsResNet
 from apps.resrep import ConversionError, ResRep, ResRepConfig
+from apps.resrep import convert as convert_module
 from apps.resrep.method import Compacted
-from reparam.graph import PruneError
 from reparam.ops.blocks import Compactor
 
 
@@ -149,6 +149,30 @@ def test_float32_conversion_within_tolerance():
     assert next(deploy.parameters()).dtype == torch.float32
 
 
+def test_a_float32_error_above_its_bound_is_refused_or_warned(monkeypatch):
+    """The float32 check beside the float64 proof: an error over the bound (here lowered below the
+    rounding every float32 model has) is refused, naming float32, or warned with on_inexact='warn'."""
+    monkeypatch.setattr(convert_module, "FLOAT32_TOLERANCE", 1e-12)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 1, 8, 8)
+    for on_inexact in ("raise", "warn"):
+        rr = ResRep(
+            randomise(DigitsResNet(width=8).double(), gen).float(),
+            x,
+            ResRepConfig(flops_target=0.99, on_inexact=on_inexact),
+        )
+        force_masks(rr, gen, 0.5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            if on_inexact == "raise":
+                with pytest.raises(ConversionError, match="exact in float64 .* but not in float32"):
+                    rr.convert()
+            else:
+                _, report = rr.convert()
+                assert report.max_rel_error <= 1e-10 and report.max_rel_error_native > 1e-12
+                assert any("not in float32" in str(w.message) for w in caught)
+
+
 class PostActivationBN(nn.Module):
     """conv → ReLU → BN → conv: a zero channel leaves the BN as its shift, so removing it is not exact."""
 
@@ -169,7 +193,7 @@ def test_inexact_conversion_is_refused_or_warned():
     rr = ResRep(model, x, ResRepConfig(flops_target=0.9))
     force_masks(rr, gen, 0.5)
     assert any(not m.all() for m in rr.masks.values())
-    with pytest.raises((ConversionError, PruneError), match="not exact|exact"):
+    with pytest.raises(ConversionError, match="is not exact: max relative error .* the norm layers \\['bn'\\]"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             rr.convert()

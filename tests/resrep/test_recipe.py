@@ -208,6 +208,22 @@ def test_masking_clears_the_momentum_of_the_masked_rows():
         assert not torch.equal(buf, momentum[site.module])
 
 
+def test_paper_masking_keeps_the_momentum_of_the_masked_rows():
+    """The spec: under the paper recipe momentum buffers are not cleared when a mask turns on."""
+    torch.manual_seed(0)
+    cfg = ResRepConfig(recipe="paper", flops_target=0.5, before_mask_iters=2, mask_interval=1, lasso_strength=1e-2)
+    rr = ResRep(DigitsResNet(width=8).double(), X[:2], cfg)
+    opt = rr.optimizer()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    for it in range(4):  # the first mask round runs after iteration 3
+        step(rr, opt, sched, it)
+    masked = [(s, c) for s, c in rr.compactors() if bool((~rr.row_keep(s)).any())]
+    assert masked
+    for site, c in masked:
+        rows = opt.state[c.weight]["momentum_buffer"][~rr.row_keep(site)].flatten(1)
+        assert bool(rows.norm(dim=1).gt(0).all())
+
+
 def test_taylor_score_is_the_first_order_loss_change_of_removing_a_channel():
     """t_c = Σ Q_ci ∂L/∂Q_ci = dL/dα at α = 1 when channel c's compactor rows are scaled by α."""
     rr = budget(total=100, score_momentum=0.0)
@@ -234,6 +250,31 @@ def test_taylor_score_is_the_first_order_loss_change_of_removing_a_channel():
         h = 1e-6
         derivative = (loss_at(1 + h) - loss_at(1 - h)) / (2 * h)
         assert float(rr.taylor[group.id][c]) == pytest.approx(derivative**2, rel=1e-5, abs=1e-16)
+
+
+def test_a_step_with_non_finite_gradients_leaves_the_taylor_scores_alone():
+    """Under fp16 a GradScaler skips an overflow step after the hooks saw its inf/NaN gradients."""
+    rr = budget(total=100)
+    rr.iteration = rr.plan.mask_start
+    rr.model.zero_grad()
+    F.cross_entropy(rr.model(X), Y).backward()
+    rr.after_backward()
+    before = {g: t.clone() for g, t in rr.taylor.items()}
+    assert any(bool(t.ne(0).any()) for t in before.values())
+    rr.model.zero_grad()
+    F.cross_entropy(rr.model(X), Y).backward()
+    next(iter(rr.compactors()))[1].weight.grad[0, 0] = math.inf
+    rr.after_backward()
+    assert all(torch.equal(rr.taylor[g], t) for g, t in before.items())
+
+
+def test_the_paper_recipe_collects_taylor_scores_when_asked():
+    rr = ResRep(DigitsResNet(width=8).double(), X[:2], ResRepConfig(recipe="paper", score="taylor"))
+    rr.model.zero_grad()
+    F.cross_entropy(rr.model(X), Y).backward()
+    rr.after_backward()
+    scores = rr.channel_scores()
+    assert all(bool(s.gt(0).all()) for s in scores.values())
 
 
 @pytest.mark.parametrize("score", ["taylor", "fused", "norm"])
