@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
 
 from reparam.ops.blocks.base import MergeableBlock
 from reparam.ops.blocks.registry import is_registered_block
@@ -91,6 +92,15 @@ def _fold_reason(root: nn.Module, bn_node: fx.Node, calls: Counter, shapes: bool
         return f"its input comes from {type(layer).__name__}, not a conv or linear layer"
     if len(producer.users) != 1:
         return f"{producer.target}'s output has {len(producer.users)} users"
+    if parametrize.is_parametrized(layer):
+        return (
+            f"{producer.target}'s weight is computed by a parametrization (weight_norm, spectral_norm …), "
+            "so writing the fused kernel into it changes nothing; call "
+            "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') first"
+        )
+    owners = [n for n, t in root.named_parameters(remove_duplicate=False) if t is layer.weight]
+    if len(owners) > 1:
+        return f"{producer.target}'s weight is shared ({', '.join(owners)}), so folding would change every user"
     if calls[producer.target] != 1 or calls[bn_node.target] != 1:
         return "a module is called more than once"
     bn = root.get_submodule(bn_node.target)

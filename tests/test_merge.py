@@ -127,7 +127,40 @@ class SharedConv(nn.Module):
         return self.bn(self.conv(x)) + self.conv(x)
 
 
-@pytest.mark.parametrize("cls, reason", [(TwoUsers, "2 users"), (SharedConv, "called more than once")])
+class WeightNormed(nn.Module):
+    """A conv whose weight a parametrization computes: an in-place write into it would be lost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 3, 3, padding=1))
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class SharedWeight(nn.Module):
+    """Two convs with one weight tensor: folding one BN into it would change the other conv too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.other = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.other.weight = self.conv.weight
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.other(x)
+
+
+@pytest.mark.parametrize(
+    "cls, reason",
+    [
+        (TwoUsers, "2 users"),
+        (SharedConv, "called more than once"),
+        (WeightNormed, "computed by a parametrization"),
+        (SharedWeight, "weight is shared (conv.weight, other.weight)"),
+    ],
+)
 def test_layers_with_other_users_are_left_alone(cls, reason):
     model = _prepared(cls())
     merged = reparam.merge(model, torch.randn(1, 3, 4, 4), verify=True)

@@ -28,7 +28,7 @@ from reparam.graph import ChannelGroup, Member, prune, trace
 from reparam.graph.tracing import as_tuple
 from reparam.verify import relative_error
 
-from ..engine.groups import candidate_groups, widths_for_target
+from ..engine.groups import candidate_groups, min_keep, widths_for_target
 from ..engine.selection import fill_to_target, select_masks
 from .clusters import even_clusters, kmeans_clusters, merge_costs
 from .config import CSGDConfig
@@ -212,7 +212,7 @@ class CSGD:
         return self._sides(group)[2]
 
     def _min_keep(self, group: ChannelGroup) -> int:
-        return min(group.size, max(self.config.num_at_least, group.min_channels))
+        return min_keep(group, self.config.num_at_least)
 
     def _target_widths(self, features: dict[int, np.ndarray]) -> dict[int, int]:
         """Per group, its number of clusters: the widths that meet ``flops_target`` by ``config.widths``

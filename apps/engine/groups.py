@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from reparam.graph import ChannelGraph, ChannelGroup, PruneError, prune
 
-__all__ = ["candidate_groups", "removable_or_why", "widths_for_target"]
+__all__ = ["candidate_groups", "min_keep", "removable_or_why", "widths_for_target"]
 
 
 def removable_or_why(
@@ -69,6 +69,11 @@ def removable_or_why(
             stacklevel=4,
         )
     return failures
+
+
+def min_keep(group: ChannelGroup, num_at_least: int) -> int:
+    """The fewest channels ``group`` may keep: ``num_at_least`` or the group's own minimum, at most its size."""
+    return min(group.size, max(num_at_least, group.min_channels))
 
 
 def candidate_groups(

@@ -58,7 +58,7 @@ from reparam.graph import ChannelGroup, trace
 from reparam.graph.tracing import as_tuple
 from reparam.ops.blocks import Compactor
 
-from ..engine.groups import candidate_groups, widths_for_target
+from ..engine.groups import candidate_groups, min_keep, widths_for_target
 from ..engine.selection import select_masks
 from .config import ResRepConfig
 from .convert import ConversionReport, convert
@@ -229,7 +229,7 @@ class ResRep:
         return None
 
     def _min_keep(self, group: ChannelGroup) -> int:
-        return min(group.size, max(self.config.num_at_least, group.min_channels))
+        return min_keep(group, self.config.num_at_least)
 
     def compactor(self, site: CompactorSite) -> Compactor:
         """The compactor module at ``site``."""

@@ -28,7 +28,7 @@ from torch.nn.modules.conv import _ConvNd
 from reparam.graph import ChannelGroup, trace
 from reparam.graph.tracing import as_tuple
 
-from ..engine.groups import candidate_groups, widths_for_target
+from ..engine.groups import candidate_groups, min_keep, widths_for_target
 from .config import SFPConfig
 from .criteria import fpgm_scores, l2_scores, taylor_scores
 from .export import ExportReport, InexactExportError, export_narrow, group_key, sees_borders
@@ -194,7 +194,7 @@ class SFP:
         return any(sees_borders(self.net.get_submodule(m.name.rpartition(".")[0])) for m in group.consumers)
 
     def _min_keep(self, group: ChannelGroup) -> int:
-        return min(group.size, max(self.config.num_at_least, group.min_channels))
+        return min_keep(group, self.config.num_at_least)
 
     def _widths(self) -> dict[int, int]:
         cfg = self.config

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from .errors import GraphTraceError
 from .export_frontend import export_graph
-from .rules import Coupler, describe, is_opaque, rule_for, tensor_metas
+from .rules import Coupler, describe, is_opaque, models_macs, rule_for, tensor_metas
 from .tracing import LeafSpec, as_tuple, propagate_shapes, symbolic_trace
 
 
@@ -106,6 +106,9 @@ class ChannelGraph:
         self.example_inputs = example_inputs
         self.round_to = int(round_to)
         c = Coupler(model, graph, rule_for, modules).run()
+        unmodelled = {n.name for n in c.refused if models_macs(n, c.modules)}
+        if unmodelled:  # a conv / matmul / attention its rule refused: its MACs are measured instead
+            propagate_shapes(model, graph, example_inputs, opaque=lambda n: n.name in unmodelled)
         self.coupler = c
         self._consumer_modules = {m for m, _ in c.consumers}
         self._build_elements(c)

@@ -1,7 +1,8 @@
 """Dead channels: a BatchNorm channel with gamma = 0 outputs the constant beta whatever its input.
 
 Such a channel can be removed exactly when the constant reaches its consumers unchanged in space,
-i.e. through elementwise ops only, into linear layers or unpadded convolutions: each output then
+i.e. through channel-wise ops only (checked by probing each op), into the channel inputs of linear
+layers or unpadded convolutions: each output then
 receives the same constant contribution `sum_k W[o, c, k] * f(beta_c)`, which moves into the
 consumer's bias. A padded consumer sees zeros at the borders instead, so the channel is not constant
 there and folding is refused, as it is for groups fed by several producers or by training-mode BN.
@@ -50,27 +51,48 @@ def _apply_unary(node: fx.Node, t: torch.Tensor, modules: dict[str, nn.Module]) 
     return getattr(t, node.target)(*rest, **kwargs)
 
 
-def _consumers(graph: ChannelGraph, bn_node: fx.Node, beta: torch.Tensor) -> list[tuple[str, torch.Tensor]] | str:
-    """(consumer module, constant it receives per channel) for every path of elementwise ops from the
-    BatchNorm, or the reason folding is not exact."""
+def _channel_local(node: fx.Node, like: torch.Tensor, modules: dict[str, nn.Module]) -> bool:
+    """Whether the one-input op at ``node`` maps every channel (dim 1) of a tensor shaped like ``like``
+    on its own and keeps the shape: new values in the even channels must leave the odd channels'
+    outputs as they were (a softmax or a local response norm over channels does not)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+    y = x.clone()
+    y[:, ::2] = torch.randn(y[:, ::2].shape, generator=gen, dtype=like.dtype).to(like.device)
+    with torch.no_grad():
+        fx_, fy = _apply_unary(node, x, modules), _apply_unary(node, y, modules)
+    return fx_.shape == x.shape and bool(torch.equal(fx_[:, 1::2], fy[:, 1::2]))
+
+
+def _consumers(
+    graph: ChannelGraph, grp: ChannelGroup, bn_node: fx.Node, value: torch.Tensor
+) -> list[tuple[str, torch.Tensor]] | str:
+    """(consumer module, constant it receives per channel) for every path of channel-wise ops from the
+    BatchNorm, or the reason folding is not exact. ``value`` is the BatchNorm's output for one example
+    (its full shape: ops that mix positions see them)."""
     modules = graph.coupler.modules
+    reads = {m.name.rpartition(".")[0] for m in grp.members if m.name.endswith(".weight") and m.dim == 1}
     calls: dict[str, int] = {}
     for n in graph.graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
     out: list[tuple[str, torch.Tensor]] = []
-    todo = [(bn_node, beta)]
+    todo = [(bn_node, value)]
     while todo:
         node, value = todo.pop()
         for user in node.users:
-            if user.op == "call_module" and _foldable(modules[user.target]):
+            if user.op == "call_module" and _foldable(modules[user.target]) and user.target in reads:
                 if calls[user.target] > 1:
                     return f"consumer '{user.target}' is called more than once, so one bias cannot hold the constant"
-                out.append((user.target, value))
+                per_channel = value[0].reshape(value.shape[1], -1)
+                if not bool((per_channel == per_channel[:, :1]).all()):
+                    return f"the constant varies in space where it reaches '{user.target}', so no bias holds it"
+                out.append((user.target, per_channel[:, 0]))
             elif (
                 user.op != "output"
                 and lookup_rule(user, modules) is rule_unary
                 and len(graph.coupler.tensor_inputs(user)) == 1
+                and _channel_local(user, value, modules)
             ):
                 with torch.no_grad():
                     todo.append((user, _apply_unary(user, value, modules)))
@@ -78,7 +100,8 @@ def _consumers(graph: ChannelGraph, bn_node: fx.Node, beta: torch.Tensor) -> lis
                 what = "the model output" if user.op == "output" else describe(user, modules)
                 return (
                     f"the constant reaches {what} at node '{user.name}', where it is not a bias "
-                    f"(only elementwise ops into linear layers or unpadded convolutions fold exactly)"
+                    f"(only channel-wise ops into the channel inputs of linear layers or unpadded "
+                    "convolutions fold exactly)"
                 )
     return out
 
@@ -142,18 +165,22 @@ def _fold_group(
     bn = modules[p.norm]
     if bn.training:
         return f"BatchNorm '{p.norm}' is in training mode (it normalises with batch statistics)"
-    bn_node = next(n for n in nodes.values() if n.op == "call_module" and n.target == p.norm)
-    rank = len(bn_node.meta["tensor_meta"].shape)
-    beta = bn.bias.detach().clone()
-    is_dead = torch.zeros(len(beta), dtype=beta.dtype, device=beta.device)
-    is_dead[torch.as_tensor(p.member.positions[np.isin(p.member.channels, dead)])] = 1
-    found = _consumers(g, bn_node, beta.reshape(1, -1, *([1] * (rank - 2))))
+    bn_node = next((n for n in nodes.values() if n.op == "call_module" and n.target == p.norm), None)
+    if bn_node is None:
+        return (
+            f"BatchNorm '{p.norm}' is not called as a module in the traced graph, so its output has no node to follow"
+        )
+    shape = (1, *bn_node.meta["tensor_meta"].shape[1:])
+    beta = bn.bias.detach()
+    is_dead = torch.zeros(len(beta), dtype=torch.bool, device=beta.device)
+    is_dead[torch.as_tensor(p.member.positions[np.isin(p.member.channels, dead)])] = True
+    found = _consumers(g, grp, bn_node, beta.reshape(1, -1, *([1] * (len(shape) - 2))).expand(shape).clone())
     if isinstance(found, str):
         return found
     with torch.no_grad():
         for name, value in found:
             m = work.get_submodule(name)
-            v = (value.reshape(-1) * is_dead).to(m.weight.dtype)  # live channels stay inputs
+            v = torch.where(is_dead, value, torch.zeros_like(value)).to(m.weight.dtype)  # live channels stay inputs
             geometry = None if isinstance(m, nn.Linear) else geometry_from_module(m)
             bias = propagate_bias(m.weight.detach(), None if m.bias is None else m.bias.detach(), v, geometry)
             m.bias = nn.Parameter(bias)

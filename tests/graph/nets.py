@@ -307,6 +307,26 @@ class CachedBias(nn.Module):
         return self.head(y + self.bias(x.device)[None]).mean((2, 3))
 
 
+class GroupNormsUnflatten(nn.Module):
+    """GroupNorm with one group, with 2 and with one group per channel, and a Linear whose output an
+    ``nn.Unflatten`` turns into a feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 32)
+        self.unflatten = nn.Unflatten(1, (8, 2, 2))
+        self.a, self.gn1 = nn.Conv2d(8, 6, 1), nn.GroupNorm(1, 6)
+        self.b, self.gn2 = nn.Conv2d(6, 8, 1), nn.GroupNorm(2, 8)
+        self.c, self.gn3 = nn.Conv2d(8, 6, 1), nn.GroupNorm(6, 6)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        x = self.unflatten(self.fc(x.mean((2, 3))))
+        x = torch.relu(self.gn1(self.a(x)))
+        x = torch.relu(self.gn2(self.b(x)))
+        return self.head(torch.relu(self.gn3(self.c(x)))).mean((2, 3))
+
+
 TRICKY = {
     "functional_norms": (FunctionalNorms, (2, 3, 6, 6)),
     "cifar_resnet": (CifarResNet, (2, 3, 8, 8)),
@@ -320,4 +340,5 @@ TRICKY = {
     "transformer": (TransformerNet, (2, 3, 8, 8)),
     "pad_shortcut": (PadShortcut, (2, 3, 6, 6)),
     "cached_bias": (CachedBias, (2, 3, 3, 3)),
+    "group_norms_unflatten": (GroupNormsUnflatten, (2, 3, 4, 4)),
 }

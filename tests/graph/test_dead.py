@@ -80,3 +80,46 @@ def test_shared_consumer_is_refused():
         model.bn.bias[2] = 0.5
     report = fold_dead_channels(model, torch.randn(1, 3, 5, 5))
     assert not report.removed and "more than once" in list(report.refused.values())[0]
+
+
+class MixingAfterBN(nn.Module):
+    """A softmax over channels between the BatchNorm and its consumer: the constant meets the live
+    channels there, so it is no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.softmax(self.bn(self.a(x)), dim=1)).mean((2, 3))
+
+
+class LinearOverLength(nn.Module):
+    """BatchNorm1d over channels, then a Linear over the length dim (L == C): it carries the channels
+    through to a 1x1 conv and reads none of them, so its bias cannot hold their constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv1d(3, 6, 1, bias=False), nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 2)
+        self.b = nn.Conv1d(6, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.fc(torch.relu(self.bn(self.a(x))))).mean(2)
+
+
+def test_channel_mixing_ops_and_consumers_of_other_dims_are_refused():
+    for model, x, where in (
+        (MixingAfterBN(), torch.randn(2, 3, 6, 6, dtype=torch.float64), "softmax"),
+        (LinearOverLength(), torch.randn(2, 3, 6, dtype=torch.float64), "fc"),
+    ):
+        torch.manual_seed(0)
+        model = model.double().eval()
+        randomize_bn(model, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model.bn.weight[[1, 4]] = 0
+        report = fold_dead_channels(model, x)
+        assert not report.removed and len(report.refused) == 1, report
+        assert where in next(iter(report.refused.values()))
+        assert max_rel_err(model(x), report.model(x)) <= 1e-12  # nothing folded: the same function

@@ -147,3 +147,38 @@ def test_tensors_that_reach_ops_through_get_attr_shrink_with_their_channels(seed
     small = prune(model, x, keep, graph=graph)
     assert small.gamma.shape == (group.size - 2,) and small.bn.running_var.shape == (group.size - 2,)
     assert max_rel_err(small(x), model(x)) <= 1e-10
+
+
+class FusedAttention(nn.Module):
+    """q, k, v projections, heads, `F.scaled_dot_product_attention` with its default scale 1/√E."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+
+        def split(t):
+            return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_attention_with_its_default_scale_keeps_it_when_the_head_width_shrinks(frontend):
+    """Removing a query/key channel that is 0 leaves q·kᵀ as it was; the default scale would read the
+    narrower width, so surgery pins the original one."""
+    torch.manual_seed(0)
+    model = FusedAttention().double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    graph = trace(model, x, frontend=frontend)
+    head = graph.group_of("q")
+    assert head.prunable and head.size == 4
+    with torch.no_grad():
+        model.q.weight[[0, 4]] = 0  # head-dim channel 0 of the query, in both heads
+    pruned = prune(model, x, {head.id: [1, 2, 3]}, graph=graph)
+    assert max_rel_err(model(x), pruned(x)) <= 1e-10

@@ -54,3 +54,27 @@ def test_widths_default_to_the_full_model():
     grp = g.group_of("layer1.0.a.0")
     assert g.macs({grp.id: 4}) < g.macs()
     assert g.macs({grp: 4}) == g.macs({grp.id: 4})
+
+
+class Refused(torch.nn.Module):
+    """Ops whose rules model MACs but refuse these forms: a transposed conv, a 1-D matmul operand,
+    an einsum with an ellipsis. Their MACs are measured instead of dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.w = torch.nn.Parameter(torch.randn(8))
+        self.m = torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        y = self.up(self.conv(x))  # (B, 4, 8, 8)
+        z = torch.matmul(y, self.w)  # 1-D operand
+        return torch.einsum("...ij,jk->...ik", z.unsqueeze(-1).expand(-1, -1, -1, 8), self.m).sum()
+
+
+def test_ops_their_rules_refuse_are_measured():
+    model, x = Refused().eval(), torch.randn(2, 3, 4, 4)
+    g = trace(model, x)
+    assert g.macs() == counted_macs(model, x)
+    assert {"up", "einsum"} <= {n for n, v in g.node_macs().items() if v > 0}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reparam.graph import Coupler, prune, register_rule, trace
+from reparam.graph import Coupler, GraphTraceError, prune, register_rule, trace
 
 from .helpers import max_rel_err, randomize_bn
 
@@ -72,3 +72,26 @@ def test_a_registered_rule_makes_a_custom_layer_prunable_and_exact():
 def test_register_rule_refuses_what_it_cannot_match():
     with pytest.raises(TypeError, match="an nn.Module class, a function or a method name"):
         register_rule(3, gated_scale_rule)
+
+
+class Buggy(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def test_a_rule_that_fails_names_its_node_and_the_remedy():
+    def broken(c: Coupler, node) -> None:
+        c.union(c.sp(node, 1), c.param(f"{node.target}.missing")[0], node)  # no such parameter
+
+    register_rule(Buggy, broken)
+
+    class Host(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.odd = nn.Conv2d(3, 4, 1), Buggy()
+
+        def forward(self, x):
+            return self.odd(self.conv(x))
+
+    with pytest.raises(GraphTraceError, match=r"channel rule for .*Buggy.* at node 'odd' failed .*register_rule"):
+        trace(Host().eval(), torch.randn(1, 3, 4, 4))

@@ -6,7 +6,7 @@ ones (`register_rule`); every other module is one family of ops.
 
 from .coupler import Coupler, Kept, Rule, Unsupported, describe, tensor_metas
 from .elementwise import rule_unary
-from .registry import is_opaque, is_rule_leaf, lookup_rule, register_rule, rule_for
+from .registry import is_opaque, is_rule_leaf, lookup_rule, models_macs, register_rule, rule_for
 
 __all__ = [
     "Coupler",
@@ -15,6 +15,7 @@ __all__ = [
     "Unsupported",
     "describe",
     "is_opaque",
+    "models_macs",
     "is_rule_leaf",
     "lookup_rule",
     "register_rule",

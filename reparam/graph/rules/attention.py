@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from .coupler import Coupler, MacsTerm, Unsupported
+from .coupler import Coupler, Kept, MacsTerm, Unsupported, arg
 
 __all__ = ["rule_einsum", "rule_matmul", "rule_sdpa"]
 
@@ -37,9 +37,22 @@ def rule_sdpa(c: Coupler, node: Node) -> None:
         for d in range(3, len(s) + 1):
             if s[-d] == so[-d]:
                 c.union(c.sp(x, -d), c.sp(node, -d), node)
+    if arg(node, 6, "scale") is None:
+        _keep_default_scale(c, node, c.sp(q, -1), sq[-1])
     lead = tuple(c.dims(node)[:-1])
     c.macs_terms.append(MacsTerm(node.name, lead + (c.sp(k, -2), c.sp(q, -1))))
     c.macs_terms.append(MacsTerm(node.name, lead + (c.sp(k, -2), c.sp(v, -1))))
+
+
+def _keep_default_scale(c: Coupler, node: Node, head: int, width: int) -> None:
+    """Attention without a ``scale`` scales by 1/√E of the query's last dim E at run time: once surgery
+    narrows that dim, the node gets the original ``scale=width**-0.5`` so that it computes what it did."""
+
+    def fix(n: Node, kept: Kept) -> None:
+        if int(kept(head).sum()) != width:
+            n.kwargs = {**n.kwargs, "scale": width**-0.5}
+
+    c.node_fixups[node.name] = fix
 
 
 def rule_einsum(c: Coupler, node: Node) -> None:

@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.fx import Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from ..errors import GraphTraceError
 from ..spaces import SpaceSet
 
 __all__ = [
@@ -88,6 +89,7 @@ class Coupler:
         self.params: dict[str, tuple[int, ...]] = {}  # parameter/buffer name -> its dim spaces
         self.module_fixups: dict[str, Callable[[nn.Module, Kept], None]] = {}
         self.node_fixups: dict[str, Callable[[Node, Kept], None]] = {}
+        self.refused: list[Node] = []  # nodes whose rule raised `Unsupported` (channels fixed)
         self._tensors = {**dict(root.named_buffers()), **dict(root.named_parameters())}
         self._dims: dict[tuple[str, int], list[int]] = {}
 
@@ -200,7 +202,14 @@ class Coupler:
         try:
             rule(self, node)
         except Unsupported as exc:
+            self.refused.append(node)
             self.poison_node(node, f"{describe(node, self.modules)} at node '{node.name}': {exc}")
+        except Exception as exc:  # a rule meeting a form it does not expect: name the node, not a traceback
+            raise GraphTraceError(
+                f"the channel rule for {describe(node, self.modules)} at node '{node.name}' failed on this "
+                f"call ({type(exc).__name__}: {exc}); register a rule for it with reparam.graph.register_rule "
+                "or make its module a leaf (trace(..., leaf_modules=...))"
+            ) from exc
 
 
 Rule = Callable[[Coupler, Node], None]

@@ -12,6 +12,7 @@ __all__ = [
     "rule_aten_batch_norm",
     "rule_batch_norm_function",
     "rule_batch_norm_module",
+    "rule_group_norm_function",
     "rule_group_norm_module",
     "rule_layer_norm_function",
     "rule_layer_norm_module",
@@ -51,23 +52,52 @@ def rule_aten_batch_norm(c: Coupler, node: Node) -> None:
     rule_batch_norm_function(c, node, ("weight", "bias", "running_mean", "running_var"))
 
 
-def rule_group_norm_module(c: Coupler, node: Node) -> None:
-    m = c.modules[node.target]
+def _group_norm(c: Coupler, node: Node, groups: int, params: list[int]) -> int:
+    """Couple a group norm's input, output and per-channel ``params`` spaces; with 1 < groups < C the
+    statistics are per group, so the same positions go in every group. Returns the channel space."""
     c.union_all(node.args[0], node, node)
     ch = c.sp(node, 1)
-    for name in ("weight", "bias"):
-        p = c.module_param(node.target, name)
-        if p is not None:
-            c.union(ch, p[0], node)
-    n, g = m.num_channels, m.num_groups
-    if 1 < g < n:  # statistics per group: prune the same positions in every group
+    for p in params:
+        c.union(ch, p, node)
+    n = c.shape(node)[1]
+    if 1 < groups < n:
         k = np.arange(n)
-        c.s.link(ch, k, ch, k % (n // g))
+        c.s.link(ch, k, ch, k % (n // groups))
+    return ch
+
+
+def rule_group_norm_module(c: Coupler, node: Node) -> None:
+    m = c.modules[node.target]
+    params = [p[0] for name in ("weight", "bias") if (p := c.module_param(node.target, name)) is not None]
+    ch = _group_norm(c, node, m.num_groups, params)
+    per_channel = m.num_groups == m.num_channels
 
     def fix(m: nn.Module, kept: Kept) -> None:
         m.num_channels = int(kept(ch).sum())
+        if per_channel:  # one channel per group: the groups go with the channels
+            m.num_groups = m.num_channels
 
     c.module_fixups[node.target] = fix
+
+
+def rule_group_norm_function(c: Coupler, node: Node) -> None:
+    """F.group_norm(x, num_groups, weight, bias, eps) and its ATen form (same leading arguments)."""
+    groups = arg(node, 1, "num_groups")
+    if not isinstance(groups, int):
+        raise Unsupported("num_groups is not constant")
+    params = [c.sp(p, 0) for p in (arg(node, 2, "weight"), arg(node, 3, "bias")) if isinstance(p, Node) and c.shape(p)]
+    ch = _group_norm(c, node, groups, params)
+    if groups != c.shape(node)[1]:
+        return
+
+    def fix(n: Node, kept: Kept) -> None:  # one channel per group: the groups go with the channels
+        k = int(kept(ch).sum())
+        if len(n.args) > 1:
+            n.args = (n.args[0], k, *n.args[2:])
+        else:
+            n.kwargs = {**n.kwargs, "num_groups": k}
+
+    c.node_fixups[node.name] = fix
 
 
 def rule_layer_norm_module(c: Coupler, node: Node) -> None:

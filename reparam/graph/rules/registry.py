@@ -31,6 +31,7 @@ from .norms import (
     rule_aten_batch_norm,
     rule_batch_norm_function,
     rule_batch_norm_module,
+    rule_group_norm_function,
     rule_group_norm_module,
     rule_layer_norm_function,
     rule_layer_norm_module,
@@ -55,6 +56,7 @@ __all__ = [
     "MODULE_RULES",
     "NO_RULE_REASONS",
     "is_opaque",
+    "models_macs",
     "is_rule_leaf",
     "lookup_rule",
     "register_rule",
@@ -206,6 +208,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.linear: rule_linear_function,
     F.batch_norm: rule_batch_norm_function,
     F.layer_norm: rule_layer_norm_function,
+    F.group_norm: rule_group_norm_function,
     F.adaptive_avg_pool1d: rule_pool,
     F.adaptive_avg_pool2d: rule_pool,
     F.adaptive_max_pool2d: rule_pool,
@@ -346,6 +349,7 @@ def _aten_rules() -> dict[Any, Rule]:
         rule_linear_function: ("linear.default",),
         rule_aten_batch_norm: ("batch_norm.default",),
         rule_layer_norm_function: ("layer_norm.default",),
+        rule_group_norm_function: ("group_norm.default",),
         rule_pool: (
             "max_pool2d.default",
             "avg_pool2d.default",
@@ -360,6 +364,7 @@ def _aten_rules() -> dict[Any, Rule]:
             "reshape.default",
             "_unsafe_view.default",
             "flatten.using_ints",
+            "unflatten.int",
             "unsqueeze.default",
             "squeeze.dim",
             "squeeze.dims",
@@ -431,9 +436,29 @@ def is_rule_leaf(module: nn.Module) -> bool:
     return any(t in _USER_MODULE_TYPES for t in type(module).__mro__)
 
 
+#: Rules that model a node's MACs unless they refuse the node.
+_MACS_RULES = frozenset(
+    {
+        rule_conv_module,
+        rule_conv_function,
+        rule_linear_module,
+        rule_linear_function,
+        rule_matmul,
+        rule_sdpa,
+        rule_einsum,
+    }
+)
+
+
 def is_opaque(node: Node, modules: dict[str, nn.Module]) -> bool:
     """Nodes whose MACs the rules do not model: ops without a rule (measured instead, and fixed)."""
     return lookup_rule(node, modules) is None
+
+
+def models_macs(node: Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether the rule of ``node`` models MACs (as `MacsTerm`s): conv, linear, matmul, attention,
+    einsum. Where such a rule refuses the node (`Unsupported`), its MACs must be measured instead."""
+    return lookup_rule(node, modules) in _MACS_RULES
 
 
 def lookup_rule(node: Node, modules: dict[str, nn.Module]) -> Rule | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx import Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
@@ -116,6 +116,8 @@ def _resized(c: Coupler, vals: Sequence[Any], old: Sequence[int], new: Sequence[
 _aten = torch.ops.aten
 # functions whose sizes come as one sequence argument after the tensor: torch.reshape and its ATen forms
 _SIZED = (torch.reshape, _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
+# (x, dim, sizes): the method and its ATen form
+_UNFLATTEN = ("unflatten", _aten.unflatten.int)
 
 
 def rule_reshape(c: Coupler, node: Node) -> None:
@@ -123,12 +125,16 @@ def rule_reshape(c: Coupler, node: Node) -> None:
     channels; the others keep their size. Constant sizes in the arguments are rewritten by surgery."""
     x = first_tensor(c, node)
     _reshape_coupling(c, x, node)
-    if node.target in ("view", "reshape", "unflatten", *_SIZED):
+    if node.op == "call_module":
+        if isinstance(c.modules[node.target], nn.Unflatten):
+            _fix_unflatten_module(c, x, node)
+        return
+    if node.target in ("view", "reshape", *_UNFLATTEN, *_SIZED):
         out, old = c.dims(node), c.shape(node)
 
         def fix(n: Node, kept: Kept) -> None:
             new = [int(kept(s).sum()) for s in out]
-            if n.target == "unflatten":
+            if n.target in _UNFLATTEN:
                 dim, sizes = n.args[1], n.args[2]
                 start = dim % len(c.shape(n.args[0]))
                 n.args = (n.args[0], dim, tuple(_resized(c, sizes, old[start:], new[start:], kept)))
@@ -141,6 +147,18 @@ def rule_reshape(c: Coupler, node: Node) -> None:
             n.args = (n.args[0], vals) if packed else (n.args[0], *vals)
 
         c.node_fixups[node.name] = fix
+
+
+def _fix_unflatten_module(c: Coupler, x: Node, node: Node) -> None:
+    """An ``nn.Unflatten`` holds its sizes: surgery rewrites ``unflattened_size`` as it does a call's."""
+    out, old = c.dims(node), c.shape(node)
+    start = c.modules[node.target].dim % len(c.shape(x))
+
+    def fix(m: nn.Module, kept: Kept) -> None:
+        new = [int(kept(s).sum()) for s in out]
+        m.unflattened_size = tuple(_resized(c, list(m.unflattened_size), old[start:], new[start:], kept))
+
+    c.module_fixups[node.target] = fix
 
 
 def rule_permute(c: Coupler, node: Node) -> None:
