@@ -99,10 +99,14 @@ class ChannelGraph:
         round_to: int = 1,
         leaf_modules: tuple = (),
         modules: dict[str, nn.Module] | None = None,
+        frontend: str = "fx",
+        concrete_args: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.graph = graph
         self.leaf_modules = leaf_modules
+        self.frontend = frontend  # the front end that made `graph`: "fx" or "export"
+        self.concrete_args = dict(concrete_args or {})
         self.example_inputs = example_inputs
         self.round_to = int(round_to)
         c = Coupler(model, graph, rule_for, modules).run()
@@ -459,6 +463,7 @@ def trace(
             "frontend='export' flattens every module, so leaf_modules and concrete_args do not "
             "apply; use frontend='fx' for them"
         )
+    used = "export" if frontend == "export" else "fx"
     if frontend == "export":
         graph = export_graph(model, inputs)
     else:
@@ -468,9 +473,9 @@ def trace(
             if frontend == "fx" or leaf_modules or concrete_args:
                 raise
             try:
-                graph = export_graph(model, inputs)
+                graph, used = export_graph(model, inputs), "export"
             except GraphTraceError as export_error:
                 raise GraphTraceError(f"{fx_error} The torch.export fallback failed too: {export_error}") from fx_error
     modules = dict(model.named_modules())
     propagate_shapes(model, graph, inputs, opaque=lambda n: is_opaque(n, modules))
-    return ChannelGraph(model, graph, inputs, round_to, leaf_modules, modules)
+    return ChannelGraph(model, graph, inputs, round_to, leaf_modules, modules, used, concrete_args)

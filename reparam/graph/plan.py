@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from .channel_graph import ChannelGraph
 from .errors import PruneError
@@ -33,6 +34,9 @@ class PrunePlan:
     leaf_modules: list[str] = field(default_factory=list)  # qualified names, or "module:Class" for classes
     round_to: int = 1
     stages: list[Stage] = field(default_factory=list)
+    frontend: str = "auto"  # the front end the first stage was traced with ("fx" / "export")
+    #: the first stage's torch.fx ``concrete_args``; None: values JSON cannot hold (the plan cannot redo it)
+    concrete_args: dict[str, Any] | None = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({"format": PLAN_FORMAT, **asdict(self)}, indent=1)
@@ -59,15 +63,19 @@ def next_plan(graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> PrunePl
     before = getattr(graph.model, "meta", {}).get("reparam.plan") if hasattr(graph.model, "meta") else None
     stage = Stage({int(k): sorted(int(i) for i in v) for k, v in keep.items()}, fingerprint(graph))
     if before is not None:
-        return PrunePlan(
-            before.input_shapes, before.input_dtypes, before.leaf_modules, before.round_to, [*before.stages, stage]
-        )
+        return replace(before, stages=[*before.stages, stage])
+    try:
+        concrete: dict[str, Any] | None = json.loads(json.dumps(graph.concrete_args))
+    except (TypeError, ValueError):
+        concrete = None
     return PrunePlan(
         [list(t.shape) for t in graph.example_inputs],
         [str(t.dtype).removeprefix("torch.") for t in graph.example_inputs],
         leaf_spec_names(graph.leaf_modules),
         graph.round_to,
         [stage],
+        graph.frontend,
+        concrete,
     )
 
 

@@ -49,9 +49,21 @@ def apply_plan(constructor_model: nn.Module, plan: PrunePlan, source: str = "the
     inputs = tuple(
         torch.zeros(s, dtype=dtype_of(dt), device=device) for s, dt in zip(plan.input_shapes, plan.input_dtypes)
     )
+    if plan.concrete_args is None:
+        raise PruneError(
+            f"{source} was traced with torch.fx concrete_args that JSON cannot hold, so it cannot be redone "
+            "from the plan: trace and prune the fresh model with the same concrete_args"
+        )
     model: nn.Module = constructor_model
     for i, stage in enumerate(plan.stages):
-        graph = trace(model, inputs, leaf_modules=leaf_specs(plan.leaf_modules), round_to=plan.round_to)
+        graph = trace(
+            model,
+            inputs,
+            leaf_modules=leaf_specs(plan.leaf_modules),
+            round_to=plan.round_to,
+            frontend=plan.frontend if i == 0 else "auto",
+            concrete_args=(plan.concrete_args or None) if i == 0 else None,
+        )
         if fingerprint(graph) != stage.fingerprint:
             raise PruneError(
                 f"{source} (stage {i}) was made for a different architecture: "

@@ -63,3 +63,50 @@ def test_a_plan_made_in_float64_rebuilds_a_float32_model(tmp_path):
     loaded = load_pruned(CifarResNet(width=8).eval(), tmp_path).eval()
     assert next(loaded.parameters()).dtype == torch.float32
     torch.testing.assert_close(loaded(x.float()), pruned.float()(x.float()), rtol=0, atol=0)
+
+
+class Switched(torch.nn.Module):
+    """A branch on an argument: torch.fx traces it only with ``concrete_args``, which the plan records
+    and redoes the trace with."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 1)
+        self.c, self.head = torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x, deep=True):
+        y = torch.relu(self.a(x))
+        if deep:
+            y = torch.relu(self.b(y))
+        return self.head(torch.relu(self.c(y)))
+
+
+class SizeLoop(torch.nn.Module):
+    """Python on sizes: torch.fx cannot trace it, the torch.export fallback can; the plan redoes that."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        for _ in range(y.shape[1] // 8):
+            y = y * 2
+        return self.head(y)
+
+
+@pytest.mark.parametrize(
+    "cls, options, frontend",
+    [(Switched, {"concrete_args": {"deep": True}}, "fx"), (SizeLoop, {}, "export")],
+)
+def test_a_plan_redoes_the_trace_it_was_made_with(tmp_path, cls, options, frontend):
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(1, 3, 4, 4)
+    g = trace(model, x, **options)
+    assert g.frontend == frontend
+    pruned = prune(model, x, random_keep(g, 0.5, np.random.default_rng(0)), graph=g)
+    save_pruned(pruned, tmp_path)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["frontend"] == frontend and plan["concrete_args"] == options.get("concrete_args", {})
+    loaded = load_pruned(cls().eval(), tmp_path).eval()
+    torch.testing.assert_close(loaded(x), pruned(x), rtol=0, atol=0)
