@@ -277,8 +277,9 @@ class CSGD:
         return kmeans_clusters(features, k, seed=self.config.cluster_seed, weights=weights)
 
     def _index(self) -> None:
-        """Index tensors for the gradient rule and the merge, from ``self.clusters``."""
+        """Index tensors for the gradient rule and the merge, from ``self.clusters``, on the model's device."""
         device = next(self.model.parameters()).device
+        self._indexed_on = device
         self._slices: dict[str, list[_Slice]] = {}
         self._columns: list[_Columns] = []
         for group in self.groups:
@@ -308,6 +309,11 @@ class CSGD:
                 self._columns.append(_Columns(m.name, columns, target, share))
         params = dict(self.model.named_parameters())
         self.centripetal: dict[str, nn.Parameter] = {n: params[n] for n in self._slices if n in params}
+
+    def _follow_device(self) -> None:
+        """The index tensors follow the model: built on one device, it may train on another (`fit` moves it)."""
+        if next(self.model.parameters()).device != self._indexed_on:
+            self._index()
 
     # ------------------------------------------------------------------ training
     def param_groups(self) -> list[dict[str, Any]]:
@@ -356,6 +362,7 @@ class CSGD:
         alike; ``c_H`` is the cluster's center (`CSGDConfig.center`: importance-weighted or plain mean),
         ``G_H`` its mean task gradient, or its sum with ``cluster_gradient="sum"``, which also gives every
         consumer column that reads a cluster of k channels 1/k of its gradient."""
+        self._follow_device()
         cfg, ramp = self.config, self.config.ramp(self.iteration + 1, self.plan_iters)
         now, now_vector = self.strength * ramp, self.vector_strength * ramp
         summed = cfg.cluster_gradient == "sum"
@@ -419,6 +426,7 @@ class CSGD:
     def spread(self) -> float:
         """The largest deviation of any output-side entry (parameters and running statistics) from its
         cluster's mean, relative to its tensor's largest magnitude: 0 once the clusters have collapsed."""
+        self._follow_device()
         tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         worst = 0.0
         for name, slices in self._slices.items():
@@ -454,6 +462,7 @@ class CSGD:
         every cluster set to its kept member and is verified there (≤1e-10); the merged model, in the
         model's dtype, must match the trained one to ``merge_tolerance`` (`UnconvergedError` otherwise,
         with the measured spread; ``on_unconverged="warn"`` warns)."""
+        self._follow_device()
         first = next(self.model.parameters())
         device, dtype = first.device, first.dtype
         wide = lambda xs: tuple(x.double() if x.is_floating_point() else x for x in xs)  # noqa: E731

@@ -50,8 +50,9 @@ class SFPConfig:
     mode: Mode = "paper"
     """``paper``: groups with one producer (inside residual blocks); ``residual``: every prunable group,
     residual-coupled channels zeroed and removed together."""
-    prune_stem: bool = True
-    """Also prune groups that the stem (the layer reading the input) produces (SFP does; CR-SFP does not)."""
+    prune_stem: bool | None = None
+    """Also prune groups that the stem (the layer reading the input) produces. None: the variant's (the
+    spec's SFP does, its CR-SFP does not)."""
     skip: str = "*downsample*,*shortcut*"
     """Comma-separated fnmatch patterns of module names never zeroed; a group one of them produces stays at
     full width (the spec skips downsample convs)."""
@@ -106,6 +107,11 @@ class SFPConfig:
     def rerank_last(self) -> bool:
         """`rerank_at_end` resolved for the variant."""
         return self.method == "sfp" if self.rerank_at_end is None else bool(self.rerank_at_end)
+
+    @property
+    def prunes_stem(self) -> bool:
+        """`prune_stem` resolved for the variant."""
+        return self.method == "sfp" if self.prune_stem is None else bool(self.prune_stem)
 
     @property
     def skip_patterns(self) -> tuple[str, ...]:

@@ -288,7 +288,8 @@ def export_narrow(
         max_rel_error=error,
         max_rel_error_native=error_native,
         tolerance=tolerance,
-        exact=error <= tolerance and error_native <= tolerance,
+        # exact by construction only with every fold exact; the measured errors confirm it on these inputs
+        exact=not border and not unfoldable and error <= tolerance and error_native <= tolerance,
         carriers=carriers,
         border_layers=tuple(sorted(border)),
         unfoldable=tuple(unfoldable),

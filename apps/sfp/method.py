@@ -44,8 +44,9 @@ class CRSFPNet(nn.Module):
     """CR-SFP's two networks on one backbone: ``net`` (whose head is the P-NN's) and ``head_r`` (the
     R-NN's head, a copy of ``net.<head>``); a row mask per masked weight (buffers), shared norms.
 
-    Training with a (B, 2, ...) batch (one dimension more than ``input_ndim``) returns ``(z_P, z_R)``: the P-NN on view 1 (weights times their
-    masks), the R-NN on view 2 (raw weights, ``head_r``). Anything else returns the P-NN's logits."""
+    Training takes (B, 2, ...) batches (one dimension more than ``input_ndim``; anything else is refused)
+    and returns ``(z_P, z_R)``: the P-NN on view 1 (weights times their masks), the R-NN on view 2 (raw
+    weights, ``head_r``). In eval mode it returns the P-NN's logits."""
 
     def __init__(self, net: nn.Module, head: str, masked: Sequence[str], input_ndim: int = 4) -> None:
         super().__init__()
@@ -55,7 +56,9 @@ class CRSFPNet(nn.Module):
         params = dict(net.named_parameters())
         for name in self.masked:
             w = params[name]
-            self.register_buffer(_key(name), torch.ones((w.shape[0],) + (1,) * (w.ndim - 1), dtype=w.dtype))
+            self.register_buffer(
+                _key(name), torch.ones((w.shape[0],) + (1,) * (w.ndim - 1), dtype=w.dtype, device=w.device)
+            )
 
     def row_mask(self, name: str) -> Tensor:
         return getattr(self, _key(name))
@@ -64,7 +67,12 @@ class CRSFPNet(nn.Module):
         return {n: self.net.get_parameter(n) * self.row_mask(n) for n in self.masked}
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        if self.training and x.ndim == self.input_ndim + 1 and x.shape[1] == 2:
+        if self.training and not (x.ndim == self.input_ndim + 1 and x.shape[1] == 2):
+            raise ValueError(
+                f"CR-SFP trains on two views of every image, batches of shape (B, 2, ...), got {tuple(x.shape)}: "
+                "build the loaders with views=2 (apps.engine.data.build_loaders(..., views=2)); evaluate in eval mode"
+            )
+        if self.training:
             z_p = functional_call(self.net, self.masked_weights(), (x[:, 0],))
             head_r = {f"{self.head}.{k}": v for k, v in self.head_r.named_parameters()}
             z_r = functional_call(self.net, head_r, (x[:, 1],))
@@ -145,6 +153,7 @@ class SFP:
             for g in self.groups
         }
         self.masks = {g.id: torch.ones(g.size, dtype=torch.bool, device=device) for g in self.groups}
+        self._device = device
         self._grads: dict[str, Tensor] = {}
         self.iteration = -1
         self.model: nn.Module = self.net
@@ -170,8 +179,9 @@ class SFP:
             hit = next((pat for pat in cfg.skip_patterns if fnmatch(n, pat)), None)
             if hit:
                 return f"produced by {n}, which skip={cfg.skip!r} excludes ({hit})"
-            if not cfg.prune_stem and n in self.stem:
-                return f"produced by the stem {n} (prune_stem=False)"
+            if not cfg.prunes_stem and n in self.stem:
+                why = "prune_stem=False" if cfg.prune_stem is False else "cr-sfp keeps the stem, as the spec does"
+                return f"produced by the stem {n} ({why})"
         for m in group.members:
             if m.kind == "node":
                 continue
@@ -227,8 +237,19 @@ class SFP:
         return match[-1]
 
     # ------------------------------------------------------------------ masks
+    def _follow_device(self) -> None:
+        """Index tensors and masks follow the network: built on one device, it may train on another
+        (`fit` moves the model)."""
+        device = next(self.net.parameters()).device
+        if device != self._device:
+            self._rows = {g: [(n, p.to(device), c.to(device)) for n, p, c in rows] for g, rows in self._rows.items()}
+            self.masks = {g: m.to(device) for g, m in self.masks.items()}
+            self._grads = {n: v.to(device) for n, v in self._grads.items()}
+            self._device = device
+
     def scores(self) -> dict[int, Tensor]:
         """The criterion's score of every channel of every pruned group (low: zeroed)."""
+        self._follow_device()
         params = dict(self.net.named_parameters())
         out = {}
         for g in self.groups:
@@ -265,6 +286,7 @@ class SFP:
 
     def _row_masks(self):
         """``(weight name, rows, kept?)`` of every producer's rows that hold pruned-group channels."""
+        self._follow_device()
         for gid, rows in self._rows.items():
             for name, pos, ch in rows:
                 yield name, pos, self.masks[gid][ch]
@@ -308,13 +330,16 @@ class SFP:
         fpgm_pnn = self.config.method == "cr-sfp" and self.config.criterion == "fpgm"
         if not (taylor or fpgm_pnn):
             return
-        for name, pos, keep in self._row_masks():
-            grad = self.net.get_parameter(name).grad
-            if grad is None:
-                continue
-            if taylor:
-                self._grads[name] = grad.detach().clone()
-            if fpgm_pnn:
+        rows = [(name, pos, keep, self.net.get_parameter(name).grad) for name, pos, keep in self._row_masks()]
+        rows = [r for r in rows if r[3] is not None]
+        if taylor and rows:
+            # an fp16 step the GradScaler will skip has inf/NaN gradients: the last finite one stays (no host sync)
+            finite = torch.stack([torch.isfinite(grad).all() for _, _, _, grad in rows]).all()
+            for name, _, _, grad in rows:
+                old = self._grads.get(name, torch.zeros_like(grad))
+                self._grads[name] = torch.where(finite, grad.detach(), old)
+        if fpgm_pnn:
+            for _, pos, keep, grad in rows:
                 grad.index_fill_(0, pos[~keep], 0.0)
 
     def after_step(self, iteration: int) -> None:
@@ -342,9 +367,9 @@ class SFP:
         masks = {int(k): v for k, v in state["masks"].items()}
         if set(masks) != set(self.masks) or any(masks[k].shape != v.shape for k, v in self.masks.items()):
             raise ValueError("the saved masks belong to other channel groups (another model or mode)")
-        device = next(self.net.parameters()).device
-        self.masks = {k: v.to(device=device, dtype=torch.bool) for k, v in masks.items()}
-        self._grads = {k: v.to(device) for k, v in state.get("grads", {}).items()}
+        self._follow_device()
+        self.masks = {k: v.to(device=self._device, dtype=torch.bool) for k, v in masks.items()}
+        self._grads = {k: v.to(self._device) for k, v in state.get("grads", {}).items()}
         self.iteration = int(state.get("iteration", -1))
 
     def epoch_metrics(self) -> dict[str, int]:

@@ -10,11 +10,17 @@ from .errors import MergeError
 __all__ = ["concat_out", "split_in", "ungroup_kernel"]
 
 
-def concat_out(*pairs: tuple[Array, Array | None]) -> tuple[Array, Array | None]:
+def concat_out(*pairs: tuple[Array, Array | None], groups: int = 1) -> tuple[Array, Array | None]:
     """E1, convs of one geometry on the same input, outputs concatenated: stack rows,
-    ``W = cat_j W_j``, ``b = cat_j b_j`` (a None bias is zero; all None gives None)."""
+    ``W = cat_j W_j``, ``b = cat_j b_j`` (a None bias is zero; all None gives None).
+
+    Grouped convs (``groups`` > 1) cannot stay one grouped conv in the concatenation's channel order
+    (each kernel's rows belong to every group): their kernels are first written densely
+    (`ungroup_kernel`), so the result is a groups=1 kernel."""
     if not pairs:
         raise ValueError("concat_out needs at least one (kernel, bias) pair")
+    if groups > 1:
+        pairs = tuple((ungroup_kernel(k, groups, 1), b) for k, b in pairs)
     tail = tuple(pairs[0][0].shape[1:])
     for k, _ in pairs[1:]:
         if tuple(k.shape[1:]) != tail:

@@ -258,7 +258,9 @@ def test_bad_input_is_refused_clearly():
             return self.b(self.bn(self.a(x)).relu()).mean((2, 3))
 
     with pytest.raises(ValueError, match="CR-SFP needs a model whose output is the output of one linear"):
-        SFP(MeanHead(), x, SFPConfig(method="cr-sfp"), iters_per_epoch=1)
+        SFP(
+            MeanHead(), x, SFPConfig(method="cr-sfp", prune_stem=True), iters_per_epoch=1
+        )  # its one group is the stem's
 
 
 def test_cr_sfp_under_bf16_autocast_and_channels_last():
@@ -304,6 +306,10 @@ def test_stem_and_skipped_layers_stay_at_full_width():
     no_stem = SFP(model, x, SFPConfig(mode="residual", prune_stem=False), iters_per_epoch=1)
     assert not any("conv1" in [p.module for p in g.producers] for g in no_stem.groups)
     assert any("the stem conv1 (prune_stem=False)" in why for why in no_stem.skipped.values())
+    # the variants' defaults: SFP zeroes the stem's channels, CR-SFP keeps them (the spec)
+    cr = SFP(model, x, SFPConfig(mode="residual", method="cr-sfp"), iters_per_epoch=1)
+    assert not any("conv1" in [p.module for p in g.producers] for g in cr.groups)
+    assert any("cr-sfp keeps the stem" in why for why in cr.skipped.values())
     skipped = SFP(model, x, SFPConfig(skip="layer2.*"), iters_per_epoch=1)
     assert all(not p.module.startswith("layer2.") for g in skipped.groups for p in g.producers)
     assert any("which skip='layer2.*' excludes" in why for why in skipped.skipped.values())
@@ -393,3 +399,33 @@ def test_a_killed_cr_sfp_run_resumes_exactly(tmp_path):
     assert all(torch.equal(whole.masks[g], m) for g, m in resumed.masks.items())
     for k, v in whole.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[k], v), k
+
+
+def test_cr_sfp_refuses_one_view_batches_in_training():
+    x = torch.randn(2, 3, 8, 8)
+    sfp = SFP(PublishedResNet(depth=20), x[:1], SFPConfig(method="cr-sfp"), iters_per_epoch=1)
+    sfp.model.train()
+    with pytest.raises(ValueError, match=r"two views .* \(B, 2, \.\.\.\), got \(2, 3, 8, 8\).*views=2"):
+        sfp.model(x)
+    z_p, z_r = sfp.model(torch.stack([x, x.flip(-1)], dim=1))
+    assert z_p.shape == z_r.shape == (2, 10)
+    assert sfp.model.eval()(x).shape == (2, 10)  # evaluation: the P-NN on one view
+
+
+def test_a_step_with_non_finite_gradients_keeps_the_last_taylor_gradients():
+    """Under fp16 a GradScaler skips an overflow step after the hooks saw its inf/NaN gradients."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8), torch.arange(4)
+    sfp = SFP(
+        PublishedResNet(depth=20), x[:1], SFPConfig(criterion="taylor", zero_before_training=False), iters_per_epoch=4
+    )
+    F.cross_entropy(sfp.model(x), y).backward()
+    sfp.after_backward()
+    saved = {n: g.clone() for n, g in sfp._grads.items()}
+    assert saved and all(bool(g.ne(0).any()) for g in saved.values())
+    sfp.model.zero_grad()
+    F.cross_entropy(sfp.model(x), y).backward()
+    sfp.net.get_parameter(next(iter(saved))).grad.view(-1)[0] = float("inf")  # a scored producer's
+    sfp.after_backward()
+    assert sfp._grads.keys() == saved.keys() and all(torch.equal(sfp._grads[n], g) for n, g in saved.items())
+    assert all(bool(torch.isfinite(s).all()) for s in sfp.scores().values())
