@@ -121,15 +121,19 @@ def _fold_reason(root: nn.Module, bn_node: fx.Node, calls: Counter, shapes: bool
 def fold_norm_into(layer: nn.Module, bn: nn.Module, name: str | None = None) -> None:
     """Fold the eval-mode norm `bn` that reads `layer`'s output into `layer`, in place (a bias is added if
     it has none); `bn` itself is left as it is, for the caller to drop. `name` labels errors."""
-    stats = norm_stats_from_module(bn, name=name)
+    # half precision: the fold is computed in float32 and only its result rounded to the layer's dtype
+    half = layer.weight.dtype in (torch.float16, torch.bfloat16)
+    stats = norm_stats_from_module(copy.deepcopy(bn).float() if half else bn, name=name)
+    weight = layer.weight.float() if half else layer.weight
+    old_bias = None if layer.bias is None else (layer.bias.float() if half else layer.bias)
     with torch.no_grad():
         if isinstance(layer, _ConvNd) and layer.transposed:
-            kernel, bias = fuse_bn_transposed(layer.weight, layer.bias, stats, layer.groups)
+            kernel, bias = fuse_bn_transposed(weight, old_bias, stats, layer.groups)
         else:
-            kernel, bias = fuse_bn(layer.weight, layer.bias, stats)
+            kernel, bias = fuse_bn(weight, old_bias, stats)
         layer.weight.copy_(kernel)
         if layer.bias is None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=layer.weight.requires_grad)
+            layer.bias = nn.Parameter(bias.detach().to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
         else:
             layer.bias.copy_(bias)
 

@@ -271,15 +271,29 @@ class ConvBlock(MergeableBlock):
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.branch(x))
 
-    @torch.no_grad()
-    def merged(self) -> nn.Module:
-        kernel, bias = self.merged_kernel_bias()
+    def _dtype(self) -> torch.dtype:
+        """The block's floating dtype (of its first floating parameter or buffer)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+
+    def _folding_copy(self) -> ConvBlock:
+        """The block itself, or in half precision a float32 copy: 1/√(σ²+ε) and the branch sums are
+        computed in float32 and only the result is rounded to the block's dtype."""
+        return copy.deepcopy(self).float() if self._dtype() in (torch.float16, torch.bfloat16) else self
+
+    def _deploy_conv(self, kernel: Tensor, bias: Tensor | None) -> nn.Module:
+        """The plain conv of the block's geometry and dtype holding ``kernel`` and ``bias``."""
         conv = geometry_to_module(
-            self.geometry, self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype
+            self.geometry, self.in_channels, self.out_channels, True, device=kernel.device, dtype=self._dtype()
         )
         conv.weight.copy_(kernel)
         conv.bias.copy_(bias_or_zeros(bias, self.out_channels, kernel))
-        return with_act(conv, copy.deepcopy(self.act)).train(self.training)
+        return conv
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        kernel, bias = self._folding_copy().merged_kernel_bias()
+        return with_act(self._deploy_conv(kernel, bias), copy.deepcopy(self.act)).train(self.training)
 
     @classmethod
     def deploy_module(

@@ -7,7 +7,6 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from reparam.ops._array import bias_or_zeros
 from reparam.ops.blocks.base import (
     ConvBlock,
     mean_over_taps,
@@ -17,7 +16,7 @@ from reparam.ops.blocks.base import (
 )
 from reparam.ops.blocks.registry import register_block
 from reparam.ops.branches import add_branches, avg_pool_kernel, embed_kernel, identity_kernel
-from reparam.ops.modules import geometry_to_module, norm_stats_from_module
+from reparam.ops.modules import norm_stats_from_module
 from reparam.ops.norm import fuse_bn
 
 
@@ -81,10 +80,6 @@ class PostBNBlock(ConvBlock):
     def merged(self) -> nn.Module:
         if not self.bn.training:
             return super().merged()
-        kernel, bias = self.linear_kernel_bias()
-        conv = geometry_to_module(
-            self.geometry, self.in_channels, self.out_channels, True, device=kernel.device, dtype=kernel.dtype
-        )
-        conv.weight.copy_(kernel)
-        conv.bias.copy_(bias_or_zeros(bias, self.out_channels, kernel))
+        kernel, bias = self._folding_copy().linear_kernel_bias()
+        conv = self._deploy_conv(kernel, bias)
         return with_act(nn.Sequential(conv, copy.deepcopy(self.bn)), copy.deepcopy(self.act)).train(self.training)
