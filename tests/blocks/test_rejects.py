@@ -79,3 +79,19 @@ def test_a_block_signature_is_the_shared_one_plus_its_own_options():
         assert params == shared[:8] + own + shared[8:], cls.__name__
     block = RepVGGBlock(4, 4, 3, identity=False, conv_bias=True, norm=functools.partial(nn.BatchNorm2d, eps=0.1))
     assert block.bn_identity is None and block.conv_kxk.conv.bias is not None and block.conv_1x1.bn.eps == 0.1
+
+
+@pytest.mark.parametrize(
+    "cls", (RepVGGBlock, DiverseBranchBlock, MobileOneBlock, PostBNBlock), ids=lambda c: c.__name__
+)
+def test_a_block_that_needs_a_norm_refuses_none_naming_itself(cls):
+    with pytest.raises(ValueError, match=rf"{cls.__name__} needs a norm layer .*norm=None.*norm=nn.BatchNorm2d"):
+        cls(4, 4, 3, norm=None)
+
+
+@pytest.mark.parametrize("kw", [{"padding": "same"}, {"kernel_size": (3, 3, 3)}, {"stride": (1, 1, 1)}])
+def test_geometry_that_is_not_2d_ints_is_refused_naming_the_argument(kw):
+    args = {"kernel_size": 3, **kw}
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"{name}=.*2-D and take an int or a pair of ints"):
+        RepVGGBlock(4, 4, **args)

@@ -28,10 +28,16 @@ Norm = Callable[[int], nn.Module]
 Size2 = int | Sequence[int]
 
 
-def pair(value: Size2) -> tuple[int, int]:
-    """`3 -> (3, 3)`; a length-2 sequence is returned as a tuple of ints."""
+def pair(value: Size2, name: str = "size") -> tuple[int, int]:
+    """`3 -> (3, 3)`; a length-2 sequence is returned as a tuple of ints. ValueError otherwise (the blocks
+    are 2-D; string paddings such as ``"same"`` are not theirs: ``padding=None`` centres the kernel)."""
     if isinstance(value, int):
         return (value, value)
+    if isinstance(value, str) or len(value) != 2:
+        raise ValueError(
+            f"{name}={value!r}: the blocks are 2-D and take an int or a pair of ints"
+            + (" (padding=None gives the centred 'same'-style padding)" if isinstance(value, str) else "")
+        )
     h, w = value
     return (int(h), int(w))
 
@@ -50,11 +56,11 @@ def block_geometry(
     keeps a symmetric padding and the deploy module is a plain `nn.Conv2d`); an int or pair is
     symmetric, as in `nn.Conv2d`.
     """
-    k, d = pair(kernel_size), pair(dilation)
-    p = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d)) if padding is None else pair(padding)
+    k, d = pair(kernel_size, "kernel_size"), pair(dilation, "dilation")
+    p = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d)) if padding is None else pair(padding, "padding")
     if min(p) < 0:
         raise ValueError(f"padding must be non-negative, got {p}")
-    return ConvGeometry.create(k, pair(stride), p, d, groups, padding_mode)
+    return ConvGeometry.create(k, pair(stride, "stride"), p, d, groups, padding_mode)
 
 
 def aligned_geometry(target: ConvGeometry, kernel_size: Size2, rate: Size2 = 1) -> ConvGeometry:
@@ -254,6 +260,11 @@ class ConvBlock(MergeableBlock):
 
     def make_norm(self, channels: int | None = None) -> nn.Module:
         """A norm of the block's kind over `channels` (default: the output channels)."""
+        if self.norm_layer is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a norm layer for one of its branches with these options "
+                "(norm=None was given): pass a batch norm factory, e.g. norm=nn.BatchNorm2d"
+            )
         return self.norm_layer(self.out_channels if channels is None else channels)
 
     def merged_kernel_bias(self) -> tuple[Tensor, Tensor | None]:
