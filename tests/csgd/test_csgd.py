@@ -3,12 +3,14 @@ coupling the graph knows, convergence under the shared engine, and clear refusal
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -163,6 +165,8 @@ def test_converged_clusters_merge_exactly_across_every_coupling(name):
     try:
         cs = CSGD(model, x, CSGDConfig(flops_target=0.6, clustering="even"))
     except ValueError as err:
+        if "found no channel group" not in str(err):
+            raise  # only a net with nothing to cluster may skip
         pytest.skip(f"nothing to cluster in {name}: {err}")
     _identical_clusters(cs)
     merged, report = cs.convert(x)
@@ -188,7 +192,6 @@ def test_training_under_the_engine_converges_and_merges_within_float32():
         and report.max_rel_error_vs_trained <= 1e-5
         and report.macs_after <= 0.5 * report.macs_before
     )
-    assert cs.state_dict()["clusters"] == {k: v for k, v in cs.clusters.items()}
     steps, spreads = zip(*cs.summary()["spread_log"])  # the per-step diagnostic: every 40 steps, shrinking
     assert steps == (1, 40, 80, 120, 160, 200, 240) and spreads[0] > 1e-2 > 1e-5 >= spreads[-1]
     assert list(spreads) == sorted(spreads, reverse=True)
@@ -241,11 +244,21 @@ def test_an_unconverged_merge_is_refused_with_the_spread():
 def test_clusters_survive_a_checkpoint_round_trip():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    cs = CSGD(PublishedResNet(depth=20), x, CSGDConfig(flops_target=0.5))
+    base = PublishedResNet(depth=20)  # a resumed run rebuilds C-SGD on the same base weights
+    cs = CSGD(copy.deepcopy(base), x, CSGDConfig(flops_target=0.5))
     state = cs.state_dict()
-    other = CSGD(PublishedResNet(depth=20), x, CSGDConfig(flops_target=0.5, cluster_seed=3))
+    other = CSGD(copy.deepcopy(base), x, CSGDConfig(flops_target=0.5, cluster_seed=3))
+    assert other.clusters != cs.clusters  # another seed, other clusters: the load has something to restore
     other.load_state_dict(state)
     assert other.clusters == cs.clusters
+    # the rebuilt index tensors apply the same rule: identical weights and loss give identical gradients
+    other.model.load_state_dict(cs.model.state_dict())
+    for method in (cs, other):
+        method.model.zero_grad()
+        F.cross_entropy(method.model(x), torch.arange(2)).backward()
+        method.after_backward()
+    for (name, a), b in zip(cs.model.named_parameters(), other.model.parameters()):
+        assert torch.equal(a.grad, b.grad), name
     with pytest.raises(ValueError, match="other channel groups"):
         other.load_state_dict({"clusters": {999: [[0]]}})
 
