@@ -113,7 +113,8 @@ def assert_mergeable(
 
     * ``assert_mergeable(block, x)``: one block on one input, with norm statistics drawn by hypothesis;
     * ``assert_mergeable(factory, in_channels=C, geometries=...)``: ``factory(geometry)`` builds a block
-      for each drawn `ConvGeometry` (default: any 2-D geometry with symmetric padding), run on a small
+      for each drawn `ConvGeometry` (default: any 2-D geometry with symmetric padding and groups dividing
+      `C`; a factory whose blocks take fewer options passes its own `geometries`), run on a small
       input of `C` channels just large enough for that geometry. A failure reports the geometry, input
       shape and norm seed hypothesis shrank it to.
 
@@ -126,7 +127,8 @@ def assert_mergeable(
     else:
         if in_channels is None:
             raise TypeError("assert_mergeable(factory, in_channels=C): a factory needs the input's channel count")
-        fixed, geoms = None, geometries if geometries is not None else conv_geometries(ndim=2, padding="symmetric")
+        default = conv_geometries(ndim=2, padding="symmetric", in_channels=in_channels, out_channels=in_channels)
+        fixed, geoms = None, geometries if geometries is not None else default
         cases = geoms.flatmap(lambda g: small_inputs(in_channels, g).map(lambda t: (g, t)))
 
     @settings(max_examples=max_examples, deadline=None, database=None)

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from reparam.ops import ConvGeometry, NormStats
+from reparam.ops.geometry import PADDING_MODES
+from reparam.ops.modules import is_batch_norm
 
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 EPSILONS = (1e-5, 1e-3, 0.1)
 _BN_STREAM = 1_000_003
 
@@ -181,19 +182,23 @@ def bn_stats(
 
 
 def randomise_norms(module: nn.Module, seed: int) -> None:
-    """Give every batch norm in `module` random eval-mode statistics from `seed`, as `bn_stats` draws them:
+    """Give every batch norm in `module` that has running statistics (FrozenBatchNorm2d included) random
+    eval-mode statistics from `seed`, as `bn_stats` draws them:
     μ ~ N(0, 1), σ² log-uniform in [1e-4, 1e2], γ ~ N(0, 1) with some exact zeros (negatives included),
     β ~ N(0, 1). Merges that hold only for fresh norms (μ=0, σ²=1, γ=1, β=0) fail under it."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for bn in module.modules():
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                mean, var, weight, bias = _norm_statistics(bn.num_features, gen, torch.float64)
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-                if bn.affine:
-                    bn.weight.copy_(weight)
-                    bn.bias.copy_(bias)
+            # BatchNorms with running statistics and FrozenBatchNorm2d (its four are buffers); a BN without
+            # running statistics normalises with the batch's, which the merge refuses with its own error
+            if not is_batch_norm(bn) or getattr(bn, "running_mean", None) is None:
+                continue
+            mean, var, weight, bias = _norm_statistics(bn.running_mean.shape[0], gen, torch.float64)
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            if getattr(bn, "weight", None) is not None:
+                bn.weight.copy_(weight)
+                bn.bias.copy_(bias)
 
 
 def bn_module(stats: NormStats, ndim: int) -> torch.nn.Module:
