@@ -155,7 +155,6 @@ class SFP:
         self.masks = {g.id: torch.ones(g.size, dtype=torch.bool, device=device) for g in self.groups}
         self._device = device
         self._grads: dict[str, Tensor] = {}
-        self.iteration = -1
         self.model: nn.Module = self.net
         if cfg.method == "cr-sfp":
             masked = sorted({n for rows in self._rows.values() for n, _, _ in rows})
@@ -344,7 +343,6 @@ class SFP:
 
     def after_step(self, iteration: int) -> None:
         """Re-zero after the last step of every epoch (and of the run)."""
-        self.iteration = iteration
         if self.iters_per_epoch is None:
             raise ValueError("SFP re-zeroes after every epoch: pass SFP(..., iters_per_epoch=len(train_loader))")
         done = iteration + 1
@@ -360,7 +358,6 @@ class SFP:
         return {
             "masks": {int(k): v.clone() for k, v in self.masks.items()},
             "grads": dict(self._grads),
-            "iteration": self.iteration,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -370,7 +367,6 @@ class SFP:
         self._follow_device()
         self.masks = {k: v.to(device=self._device, dtype=torch.bool) for k, v in masks.items()}
         self._grads = {k: v.to(self._device) for k, v in state.get("grads", {}).items()}
-        self.iteration = int(state.get("iteration", -1))
 
     def epoch_metrics(self) -> dict[str, int]:
         """Columns of the training log: channels zeroed now."""
