@@ -20,6 +20,7 @@ __all__ = [
     "embed_offset",
     "dilate_kernel",
     "identity_kernel",
+    "identity_tap",
     "avg_pool_kernel",
     "dirac_plus",
 ]
@@ -139,14 +140,25 @@ def identity_kernel(channels: int, groups: int, geometry: ConvGeometry, *, like:
         raise MergeError("identity_kernel: transposed convolutions are not supported")
     tap = []
     for i, (k, d, (pb, pa)) in enumerate(zip(geometry.kernel_size, geometry.dilation, geometry.padding)):
-        if pb % d or not 0 <= pb // d < k or pa != d * (k - 1) - pb:
+        u = identity_tap(k, d, (pb, pa))
+        if u is None:
             raise MergeError(
                 f"identity_kernel: in spatial dim {i} no tap of a size-{k} kernel at dilation {d} padded {(pb, pa)} "
                 f"reads the output position's own input: need padding before = d·u for a tap u and before + after = "
                 f"d(k-1) = {d * (k - 1)}; use padding ({d * ((k - 1) // 2)}, {d * (k - 1 - (k - 1) // 2)})"
             )
-        tap.append(pb // d)
+        tap.append(u)
     return _place_at_tap(_group_eye(channels, groups, like), geometry.kernel_size, tap, like)
+
+
+def identity_tap(kernel: int, dilation: int, padding: tuple[int, int]) -> int | None:
+    """In one spatial dim, the tap ``u`` of a size-`kernel` kernel at `dilation` that reads the output
+    position's own input under `padding` ``(P_before, P_after)``: ``P_before = d·u`` and
+    ``P_after = d·(K−1−u)`` (same output size); None when there is none."""
+    before, after = padding
+    if before % dilation or not 0 <= before // dilation < kernel or after != dilation * (kernel - 1) - before:
+        return None
+    return before // dilation
 
 
 def avg_pool_kernel(channels: int, groups: int, kernel_size: Sequence[int], *, like: Array) -> Array:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from reparam.ops._array import bias_or_zeros
+from reparam.ops.branches import identity_tap
 from reparam.ops.geometry import ConvGeometry
 from reparam.ops.modules import geometry_to_module, norm_stats_from_module
 from reparam.ops.norm import fuse_bn
@@ -109,8 +110,8 @@ def identity_representable(in_channels: int, out_channels: int, geometry: ConvGe
     """An identity `x[..., ::s, ::s]` is a tap `u` of the main kernel iff C_in = C_out, `P_b = d·u`
     and `P_a = d·(K−1−u)` (output i reads input `s·i − P_b + d·u = s·i`; the output sizes agree)."""
     tap_exists = all(
-        p_b % d == 0 and 0 <= p_b // d < k and p_a == d * (k - 1) - p_b
-        for (p_b, p_a), k, d in zip(geometry.padding, geometry.kernel_size, geometry.dilation)
+        identity_tap(k, d, pad) is not None
+        for pad, k, d in zip(geometry.padding, geometry.kernel_size, geometry.dilation)
     )
     return in_channels == out_channels and tap_exists
 
