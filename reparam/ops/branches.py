@@ -20,7 +20,6 @@ __all__ = [
     "embed_offset",
     "dilate_kernel",
     "identity_kernel",
-    "identity_tap",
     "avg_pool_kernel",
     "dirac_plus",
 ]
