@@ -109,6 +109,21 @@ def _alive(model: nn.Module) -> nn.Module:
     return model
 
 
+def _train(sfp: SFP, loader, epochs: int) -> None:
+    """`epochs` of the method's model under the engine, on the CPU, with its optimizer, hooks and loss."""
+    fit(
+        sfp.model,
+        loader,
+        None,
+        epochs=epochs,
+        optimizer=sfp.optimizer(),
+        hooks=sfp,
+        loss_fn=sfp.loss,
+        progress=False,
+        device="cpu",
+    )
+
+
 def _loader(views=1, n=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *((views,) if views > 1 else ()), 3, 8, 8, generator=gen)
@@ -205,17 +220,7 @@ def test_cr_sfp_trains_under_the_engine_and_exports_exactly():
         iters_per_epoch=len(loader),
         total_iters=epochs * len(loader),
     )
-    fit(
-        sfp.model,
-        loader,
-        None,
-        epochs=epochs,
-        optimizer=sfp.optimizer(),
-        hooks=sfp,
-        loss_fn=sfp.loss,
-        progress=False,
-        device="cpu",
-    )
+    _train(sfp, loader, epochs)
     narrow, report = sfp.convert(torch.randn(8, 3, 8, 8))
     assert report.exact and report.max_rel_error <= 1e-10 and report.macs_after <= 0.6 * report.macs_before
 
@@ -338,17 +343,7 @@ def test_without_the_final_rerank_the_deployed_pnn_is_the_one_trained():
             step(i)
 
         sfp.after_step = spy
-        fit(
-            sfp.model,
-            loader,
-            None,
-            epochs=epochs,
-            optimizer=sfp.optimizer(),
-            hooks=sfp,
-            loss_fn=sfp.loss,
-            progress=False,
-            device="cpu",
-        )
+        _train(sfp, loader, epochs)
         return seen, sfp.masks
 
     seen, final = run(None)  # CR-SFP: no final re-rank by default
