@@ -161,6 +161,7 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
         "2",
     ),
     "recipe: paper (as the spec states it)": ("--recipe", "paper"),
+    "score: Taylor averaged over a whole mask round": (*_BUDGET, "--score-round-average"),
 }
 
 

@@ -23,7 +23,8 @@ Two recipes (``recipe``), resolved for a run of N iterations into a `apps.resrep
     are cleared when the optimizer is known), so every removed row is exactly zero at the freeze and the
     conversion is exact by construction;
   - channels are ranked by ``score`` (default ``"taylor"``: the first-order loss change of removing the
-    channel, |Σ_i Q_ji ∂L/∂Q_ji| squared and averaged over iterations; ``"fused"``: the norm of the fused
+    channel, |Σ_i Q_ji ∂L/∂Q_ji| squared and averaged over iterations with momentum ``score_momentum``
+    0.95, or with ``score_round_average`` over at least the iterations between two rounds; ``"fused"``: the norm of the fused
     filter row (Q·diag(γ/σ)·W)_j; ``"norm"``: the paper's raw compactor-row norm), divided by the MACs
     one channel of its group costs (``score_per_mac``), one global MACs-targeted ranking; the magnitude
     scores, which share no unit across layers, are first divided by their group's mean
@@ -105,7 +106,9 @@ class ResRepConfig:
     score: Score | None = None
     """Channel score: ``taylor`` (first-order loss change), ``fused`` (fused filter-row norm) or ``norm`` (raw compactor-row norm); none: the recipe's (paper norm, budget taylor)."""
     score_momentum: float = 0.95
-    """Budget recipe: running-average factor of the Taylor score."""
+    """Running-average factor of the Taylor score (its horizon: 1/(1 - score_momentum) iterations)."""
+    score_round_average: bool = False
+    """Taylor score: lengthen the average's horizon to the iterations between two mask rounds where that is longer than 1/(1 - score_momentum)."""
     score_normalize: bool | None = None
     """Budget recipe: divide scores by their group's mean (none: for fused and norm, not for taylor)."""
     score_per_mac: bool = True

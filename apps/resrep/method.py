@@ -375,8 +375,8 @@ class ResRep:
     @torch.no_grad()
     def _accumulate_taylor(self) -> None:
         """Budget recipe, Taylor score: per group channel c, the first-order loss change of removing it,
-        t_c = Σ_producers Σ_i Q_ci ∂L/∂Q_ci, enters an average of t_c² (momentum ``score_momentum``)."""
-        beta = self.config.score_momentum
+        t_c = Σ_producers Σ_i Q_ci ∂L/∂Q_ci, enters an average of t_c² (momentum `Plan.score_momentum`)."""
+        beta = self.plan.score_momentum
         device = next(self.model.parameters()).device
         if any(t.device != device for t in self.taylor.values()):  # the model moved after construction
             self.taylor = {gid: t.to(device) for gid, t in self.taylor.items()}

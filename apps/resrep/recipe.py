@@ -66,6 +66,8 @@ class Plan:
     residual_lasso: bool
     train_residual_compactors: bool
     score: Score
+    #: running-average factor of the Taylor score (`ResRepConfig.score_round_average`)
+    score_momentum: float
     #: budget recipe: ``{iteration: kept-MACs goal}`` of every mask round, in order
     rounds: dict[int, float] = field(default_factory=dict)
     mask_start: int = 0
@@ -132,6 +134,7 @@ class Plan:
             "residual_lasso": self.residual_lasso,
             "train_residual_compactors": self.train_residual_compactors,
             "score": self.score,
+            "score_momentum": self.score_momentum,
         }
         if self.recipe == "budget":
             out.update(
@@ -183,7 +186,7 @@ def resolve(
         score=pick("score"),
     )
     if recipe == "paper":
-        return Plan(**common)
+        return Plan(**common, score_momentum=_score_momentum(config, config.mask_interval))
     if total_iters is None or total_iters < 3:
         raise ValueError(
             f"recipe='budget' needs the run's length (at least 3 iterations), got total_iters="
@@ -196,4 +199,19 @@ def resolve(
     rounds: dict[int, float] = {}
     for k in range(1, n + 1):  # cubic: the kept MACs fall fastest in the first rounds
         rounds[start + int(round(k * (end - start) / n))] = target + (1.0 - target) * (1.0 - k / n) ** 3
-    return Plan(**common, rounds=rounds, mask_start=start, mask_end=end, freeze=freeze)
+    return Plan(
+        **common,
+        score_momentum=_score_momentum(config, (end - start) / n),
+        rounds=rounds,
+        mask_start=start,
+        mask_end=end,
+        freeze=freeze,
+    )
+
+
+def _score_momentum(config: ResRepConfig, round_interval: float) -> float:
+    """``score_momentum``, or with ``score_round_average`` the factor whose horizon 1/(1 - β) spans the
+    ``round_interval`` iterations between two mask rounds, whichever averages longer."""
+    if not config.score_round_average or round_interval <= 1.0:
+        return config.score_momentum
+    return max(config.score_momentum, 1.0 - 1.0 / round_interval)

@@ -3,6 +3,7 @@ the auto switch, and a missed target."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -357,3 +358,33 @@ def test_budget_scores_trade_importance_against_the_macs_a_channel_costs():
     assert all(torch.allclose(s, torch.ones_like(s)) for s in plain.channel_scores().values())
     paper = ResRep(DigitsResNet(width=8).double(), X[:2], ResRepConfig(recipe="paper"))
     assert all(torch.allclose(s, torch.ones_like(s)) for s in paper.channel_scores().values())  # raw norms
+
+
+def test_round_average_spans_the_iterations_between_two_mask_rounds():
+    """With score_round_average the Taylor average's horizon 1/(1-β) is the round interval where that is
+    longer than 1/(1-score_momentum); the Taylor update then uses exactly that β."""
+    long = budget(total=4000, score_round_average=True)
+    rounds = sorted(long.plan.rounds)
+    interval = (long.plan.mask_end - long.plan.mask_start) / long.config.mask_rounds
+    assert 1.0 / (1.0 - long.plan.score_momentum) == pytest.approx(interval)
+    assert all(abs((b - a) - interval) <= 1 for a, b in zip(rounds, rounds[1:]))
+    assert budget(total=4000).plan.score_momentum == 0.95  # off by default
+    short = budget(total=200, score_round_average=True)  # rounds ~2 iterations apart: 0.95 averages longer
+    assert short.plan.score_momentum == 0.95
+    rr = budget(total=4000, score_round_average=True)
+    rr.iteration = rr.plan.mask_start
+    rr.model.zero_grad()
+    F.cross_entropy(rr.model(X), Y).backward()
+
+    def accumulate(beta: float) -> dict[int, torch.Tensor]:
+        for t in rr.taylor.values():
+            t.fill_(1.0)
+        rr._plan = dataclasses.replace(rr.plan, score_momentum=beta)
+        rr._accumulate_taylor()
+        return {gid: t.clone() for gid, t in rr.taylor.items()}
+
+    beta = long.plan.score_momentum
+    fresh, averaged = accumulate(0.0), accumulate(beta)
+    for gid, t in averaged.items():
+        assert torch.allclose(t, beta + (1 - beta) * fresh[gid])
+        assert bool(fresh[gid].ne(1.0).any())
