@@ -24,10 +24,11 @@ Two recipes (``recipe``), resolved for a run of N iterations into a `apps.resrep
     conversion is exact by construction;
   - channels are ranked by ``score`` (default ``"taylor"``: the first-order loss change of removing the
     channel, |Σ_i Q_ji ∂L/∂Q_ji| squared and averaged over iterations with momentum ``score_momentum``
-    0.95, or with ``score_round_average`` over at least the iterations between two rounds; ``"fused"``: the norm of the fused
-    filter row (Q·diag(γ/σ)·W)_j; ``"norm"``: the paper's raw compactor-row norm), divided by the MACs
-    one channel of its group costs (``score_per_mac``), one global MACs-targeted ranking; the magnitude
-    scores, which share no unit across layers, are first divided by their group's mean
+    0.95, or with ``score_round_average`` over at least the iterations between two rounds (measured
+    worse at 30 epochs, so off); ``"fused"``: the norm of the fused filter row (Q·diag(γ/σ)·W)_j;
+    ``"norm"``: the paper's raw compactor-row norm), divided by the MACs one channel of its group costs
+    (``score_per_mac``), one global MACs-targeted ranking; the magnitude scores, which share no unit
+    across layers, are first divided by their group's mean
     (``score_normalize`` None: for ``fused`` and ``norm``, not for ``taylor``, a loss change);
   - masking is cumulative and front-loaded: ``mask_rounds`` 20 rounds between ``mask_start_fraction``
     0.02 and ``mask_end_fraction`` 0.25 of the run, the kept MACs following a cubic from 1 to

@@ -66,8 +66,6 @@ class Plan:
     residual_lasso: bool
     train_residual_compactors: bool
     score: Score
-    #: running-average factor of the Taylor score (`ResRepConfig.score_round_average`)
-    score_momentum: float
     #: budget recipe: ``{iteration: kept-MACs goal}`` of every mask round, in order
     rounds: dict[int, float] = field(default_factory=dict)
     mask_start: int = 0
@@ -78,6 +76,17 @@ class Plan:
     def cumulative(self) -> bool:
         """Budget masks only grow; the paper's are re-selected from all-ones every round."""
         return self.recipe == "budget"
+
+    @property
+    def score_momentum(self) -> float:
+        """Running-average factor of the Taylor score: ``score_momentum``, or with ``score_round_average``
+        the factor whose horizon 1/(1 - β) spans the iterations between two mask rounds, whichever
+        averages longer."""
+        c = self.config
+        interval = c.mask_interval if self.recipe == "paper" else (self.mask_end - self.mask_start) / c.mask_rounds
+        if not c.score_round_average or interval <= 1.0:
+            return c.score_momentum
+        return max(c.score_momentum, 1.0 - 1.0 / interval)
 
     @property
     def forget_iters(self) -> int:
@@ -186,7 +195,7 @@ def resolve(
         score=pick("score"),
     )
     if recipe == "paper":
-        return Plan(**common, score_momentum=_score_momentum(config, config.mask_interval))
+        return Plan(**common)
     if total_iters is None or total_iters < 3:
         raise ValueError(
             f"recipe='budget' needs the run's length (at least 3 iterations), got total_iters="
@@ -199,19 +208,4 @@ def resolve(
     rounds: dict[int, float] = {}
     for k in range(1, n + 1):  # cubic: the kept MACs fall fastest in the first rounds
         rounds[start + int(round(k * (end - start) / n))] = target + (1.0 - target) * (1.0 - k / n) ** 3
-    return Plan(
-        **common,
-        score_momentum=_score_momentum(config, (end - start) / n),
-        rounds=rounds,
-        mask_start=start,
-        mask_end=end,
-        freeze=freeze,
-    )
-
-
-def _score_momentum(config: ResRepConfig, round_interval: float) -> float:
-    """``score_momentum``, or with ``score_round_average`` the factor whose horizon 1/(1 - β) spans the
-    ``round_interval`` iterations between two mask rounds, whichever averages longer."""
-    if not config.score_round_average or round_interval <= 1.0:
-        return config.score_momentum
-    return max(config.score_momentum, 1.0 - 1.0 / round_interval)
+    return Plan(**common, rounds=rounds, mask_start=start, mask_end=end, freeze=freeze)

@@ -371,19 +371,21 @@ def test_round_average_spans_the_iterations_between_two_mask_rounds():
     assert budget(total=4000).plan.score_momentum == 0.95  # off by default
     short = budget(total=200, score_round_average=True)  # rounds ~2 iterations apart: 0.95 averages longer
     assert short.plan.score_momentum == 0.95
-    rr = budget(total=4000, score_round_average=True)
+    rr = long
     rr.iteration = rr.plan.mask_start
     rr.model.zero_grad()
     F.cross_entropy(rr.model(X), Y).backward()
 
+    beta, plan = long.plan.score_momentum, long.plan
+
     def accumulate(beta: float) -> dict[int, torch.Tensor]:
         for t in rr.taylor.values():
             t.fill_(1.0)
-        rr._plan = dataclasses.replace(rr.plan, score_momentum=beta)
+        fixed = dataclasses.replace(plan.config, score_momentum=beta, score_round_average=False)
+        rr._plan = dataclasses.replace(plan, config=fixed)
         rr._accumulate_taylor()
         return {gid: t.clone() for gid, t in rr.taylor.items()}
 
-    beta = long.plan.score_momentum
     fresh, averaged = accumulate(0.0), accumulate(beta)
     for gid, t in averaged.items():
         assert torch.allclose(t, beta + (1 - beta) * fresh[gid])
